@@ -1,0 +1,69 @@
+"""Model definitions used by the benchmark suite and the demo teacher (importable as a student factory:
+`--student benchmarks/models.py:student`)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class SignalCNN(nn.Module):
+    """A 1-D CNN for mnist1d-like signals (N, L); input normalisation is part of the model."""
+
+    def __init__(self, length: int = 40, num_classes: int = 10, width: int = 64, mean: float = 0.0, std: float = 1.0):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+        def block(i, o, s):
+            return [nn.Conv1d(i, o, 3 if i != 1 else 5, stride=s, padding=1 if i != 1 else 2), nn.BatchNorm1d(o), nn.ReLU()]
+
+        self.features = nn.Sequential(*block(1, width, 1), *block(width, width, 2), *block(width, width, 2), *block(width, width, 1))
+        self.head = nn.Linear(width * ((length + 3) // 4), num_classes)
+
+    def forward(self, x):
+        x = ((x - self.mean) / self.std).unsqueeze(1)
+        return self.head(self.features(x).flatten(1))
+
+
+class SmallSignalCNN(nn.Module):
+    """The benchmark's fixed student: about a tenth of SignalCNN's parameters."""
+
+    def __init__(self, length: int = 40, num_classes: int = 10, width: int = 20):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(1, width, 5, padding=2, stride=2), nn.ReLU(),
+            nn.Conv1d(width, width, 3, padding=1, stride=2), nn.ReLU(),
+            nn.Conv1d(width, width, 3, padding=1), nn.ReLU(),
+        )
+        self.head = nn.Linear(width * ((length + 3) // 4), num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x.unsqueeze(1)).flatten(1))
+
+
+def student() -> nn.Module:
+    return SmallSignalCNN()
+
+
+def train_teacher(x, y, *, epochs: int = 60, batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> nn.Module:
+    """Train SignalCNN on labeled rows (x float32 N×L, y int64) with AdamW + one-cycle; deterministic for a seed."""
+    import numpy as np
+
+    torch.manual_seed(seed)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    model = SignalCNN(x.shape[1], int(y.max()) + 1, mean=float(x.mean()), std=float(x.std()))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
+    per_epoch = (len(x) + batch_size - 1) // batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * per_epoch, pct_start=0.05)
+    rng = np.random.default_rng(seed)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.from_numpy(rng.permutation(len(x)))
+        for i in range(0, len(x), batch_size):
+            idx = perm[i:i + batch_size]
+            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()

@@ -1,0 +1,285 @@
+"""The public entry points: one function per stage, each taking one config dataclass, plus compress()
+for the whole pipeline. The CLI only parses arguments and calls these."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ._io import torch_save, write_json
+from .config import BenchConfig, CompressConfig, ExportConfig, QuantizeConfig
+from .errors import CompressError
+from .run import Run
+
+log = logging.getLogger("compressor")
+
+
+def _say(msg: str) -> None:
+    log.info(msg)
+
+
+def _skip(run: Run, stage: str, force: bool) -> bool:
+    if not force and run.is_done(stage):
+        _say(f"{stage}: already done in {run.dir} (use --force to redo)")
+        return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+def distill(cfg: CompressConfig, out: str | Path | None = None, *, force: bool = False, resume: bool = False) -> Run:
+    """Train the student from the teacher (and the labels-only baseline when cfg.distill.baseline)."""
+    import torch
+
+    from .data import stratified_split
+    from .distill.trainer import budget_steps, train_student
+    from .models import build_student
+
+    run = Run.create(Path(out) if out else None, cfg)
+    if _skip(run, "distill", force):
+        return run
+    prev = run.manifest["stages"].get("distill", {})
+    if resume and prev.get("fingerprint") not in (None, run.fingerprint("distill")):
+        raise CompressError("--resume: the inputs or settings differ from the interrupted run", hint="rerun with the original command, or --force to start over")
+    run.begin("distill")
+    dcfg = run.config.distill
+    teacher, ds = run.teacher, run.data
+    probe = teacher.logits(ds.x[:2])
+    run.check_data_fits_teacher(probe)
+    num_classes = probe.shape[1]
+
+    # Teacher outputs for the whole pool, computed once and cached in the run directory.
+    cache = run.path("cache/teacher_pool_logits.npy")
+    key = run.fingerprint("distill")
+    key_file = cache.with_suffix(".key")
+    if cache.exists() and key_file.exists() and key_file.read_text() == key:
+        pool_logits = np.load(cache)
+    else:
+        _say(f"distill: running the teacher ({teacher.format}) on {len(ds.x)} training rows")
+        pool_logits = teacher.logits(ds.x)
+        from ._io import atomic_path, write_text
+
+        with atomic_path(cache) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, pool_logits)
+        write_text(key_file, key)
+
+    # Validation rows come out of the labeled training rows (never the held-out set).
+    labeled = np.flatnonzero(ds.y >= 0)
+    keep, val = stratified_split(ds.y, dcfg.val_fraction, dcfg.seed)
+    if len(val) == 0:
+        raise CompressError("too few labeled rows to carve out a validation split", hint="label more rows or lower --val-fraction")
+    train_rows = np.setdiff1d(np.arange(len(ds.y)), val)
+    x_val, y_val = ds.x[val], ds.y[val]
+    steps = budget_steps(dcfg, len(train_rows))
+    ckdir = run.path("checkpoints")
+    teacher_params = teacher.num_params()
+
+    torch.manual_seed(dcfg.seed)
+    student, record = build_student(dcfg.student, ds.input_shape, num_classes, teacher_params)
+    _check_student_output(student, ds.x[:2], num_classes, dcfg.student)
+    results, outputs = {}, {}
+    jobs = [("student", "kd", train_rows, pool_logits[train_rows])]
+    if dcfg.baseline:
+        jobs.append(("baseline", "labels", np.intersect1d(train_rows, labeled), None))
+    try:
+        for name, loss, rows, tlogits in jobs:
+            torch.manual_seed(dcfg.seed)
+            module, _ = build_student(dcfg.student, ds.input_shape, num_classes, teacher_params)
+            _say(f"distill: training {name} ({loss}) for {steps} steps on {len(rows)} rows")
+            module, res = train_student(module, ds.x[rows], ds.y[rows], tlogits, x_val, y_val, dcfg, steps=steps,
+                                        checkpoint=ckdir / f"{name}.ckpt", label=name, resume=resume, loss_name=loss)
+            torch_save(module.state_dict(), run.path(f"{name}.pt"))
+            outputs[name] = f"{name}.pt"
+            results[name] = {"loss": loss, "val_accuracy": res.best_val_accuracy, "best_step": res.best_step, "steps": res.steps,
+                             "seconds": round(res.seconds, 2), "resumed_from_step": res.resumed_from, "train_rows": int(len(rows)),
+                             "history": res.history}
+    except KeyboardInterrupt:
+        run.fail("distill", "interrupted", "interrupted by the user")
+        raise
+    except CompressError as exc:
+        run.fail("distill", "failed", str(exc))
+        raise
+    results.update(student_record=record, num_classes=num_classes, val_rows=int(len(val)), params=int(sum(p.numel() for p in student.parameters())),
+                   teacher_params=teacher_params, teacher_format=teacher.format, data=ds.summary())
+    run.finish("distill", outputs, results)
+    return run
+
+
+def _check_student_output(student, x: np.ndarray, num_classes: int, spec) -> None:
+    import torch
+
+    try:
+        with torch.no_grad():
+            y = student.eval()(torch.from_numpy(x))
+    except Exception as exc:
+        raise CompressError(f"the student ({spec or 'default'}) cannot run on data of shape {x.shape[1:]}: {str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(y, torch.Tensor) or tuple(y.shape) != (len(x), num_classes):
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise CompressError(f"the student ({spec or 'default'}) returns {shape}; expected (batch, {num_classes}) class scores like the teacher")
+
+
+def _load_trained(run: Run, name: str):
+    import torch
+
+    from .models import load_student
+
+    st = run.stage("distill")
+    rec = st["result"]["student_record"]
+    module = load_student(rec, input_shape=run.data.input_shape, num_classes=st["result"]["num_classes"])
+    module.load_state_dict(torch.load(run.path(f"{name}.pt"), map_location="cpu", weights_only=True))
+    return module.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+def export(run_dir: str | Path, config: ExportConfig | None = None, *, force: bool = False) -> Run:
+    """Export the trained student to ONNX FP32 and check it numerically against PyTorch."""
+    from .export.onnx_io import compare, export_onnx, make_session, run_session
+
+    run = Run.open(run_dir)
+    if config is not None:
+        run.set_stage_config("export", config)
+    if _skip(run, "export", force):
+        return run
+    cfg = run.config.export
+    run.begin("export")
+    try:
+        student = _load_trained(run, "student")
+        opset = cfg.opset or run.target["runtime"]["onnx_opset"]
+        x = run.data.x_test[: cfg.check_rows]
+        out = run.path("student.onnx")
+        export_onnx(student, x, out, opset)
+        import torch
+
+        with torch.inference_mode():
+            ref = student(torch.from_numpy(x)).numpy()
+        check = compare(ref, run_session(make_session(out), x))
+        check.update(atol=cfg.atol, min_agreement=cfg.min_agreement, opset=opset)
+        if check["max_abs_diff"] > cfg.atol or check["agreement"] < cfg.min_agreement:
+            out.unlink()
+            raise CompressError(
+                f"ONNX export differs from PyTorch: max abs diff {check['max_abs_diff']:.2e} (tolerance {cfg.atol:.0e}), "
+                f"argmax agreement {check['agreement']:.4f} (needs {cfg.min_agreement})",
+                hint="an operation exports with different semantics; try another --opset", kind="runtime")
+    except CompressError as exc:
+        run.fail("export", "failed", str(exc))
+        raise
+    run.finish("export", {"onnx_fp32": "student.onnx"}, {"check": check})
+    _say(f"export: student.onnx (opset {opset}), max abs diff {check['max_abs_diff']:.2e}, agreement {check['agreement']:.4f}")
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+def quantize(run_dir: str | Path, config: QuantizeConfig | None = None, *, force: bool = False) -> Run:
+    """Quantize the ONNX student to INT8 Q/DQ with the target's recipe, calibrated on the user's rows."""
+    from .bench.host import has_vnni
+    from .bench.latency import measure
+    from .export.onnx_io import compare, make_session, run_session
+    from .export.quantize import AUTO_CANDIDATES, get_recipe, preprocess, quantize_static, scratch_dir
+
+    run = Run.open(run_dir)
+    if config is not None:
+        run.set_stage_config("quantize", config)
+    if _skip(run, "quantize", force):
+        return run
+    cfg = run.config.quantize
+    fp32 = run.path(run.stage("export")["outputs"]["onnx_fp32"])
+    run.begin("quantize")
+    ds = run.data
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(len(ds.x))
+    calib = ds.x[order[: cfg.calibration_rows]]
+    # Rows to compare INT8 with FP32 while choosing a recipe: training rows not used for calibration.
+    check_rows = ds.x[order[cfg.calibration_rows: cfg.calibration_rows + 2048]]
+    if len(check_rows) == 0:
+        check_rows = calib
+    recipe_name = cfg.recipe if cfg.recipe != "auto" else run.target["quantization"]["int8_recipe"]
+    candidates = list(AUTO_CANDIDATES.get(recipe_name, (recipe_name,)))
+    if recipe_name == "cpu-auto" and has_vnni():
+        candidates.remove("cpu-u8s8-reduced")  # only needed where u8×s8 can saturate
+    for c in candidates:
+        get_recipe(c)
+    out = run.path("student.int8.onnx")
+    try:
+        fp32_sess = make_session(fp32, threads=1)
+        ref = run_session(fp32_sess, check_rows)
+        one = check_rows[:1]
+        fp32_ms = measure(lambda: fp32_sess.run(None, {"input": one}), min_runs=100, min_duration_s=0.3)["p50"]
+        trials = []
+        with scratch_dir(run.dir) as tmp:
+            pre = Path(tmp) / "pre.onnx"
+            preprocess(fp32, pre)
+            for name in candidates:
+                qpath = Path(tmp) / f"{name}.onnx"
+                quantize_static(pre, qpath, get_recipe(name), calib, cfg.calibrate_method, cfg.per_channel)
+                sess = make_session(qpath, threads=1)
+                cmp = compare(ref, run_session(sess, check_rows))
+                ms = measure(lambda: sess.run(None, {"input": one}), min_runs=100, min_duration_s=0.3)["p50"] if len(candidates) > 1 else None
+                trials.append({"recipe": name, "agreement_with_fp32": cmp["agreement"], "max_abs_diff": cmp["max_abs_diff"], "p50_ms_1thread": ms, "path": qpath})
+            # Fastest recipe whose agreement with FP32 is within half a point of the best one.
+            best_agree = max(t["agreement_with_fp32"] for t in trials)
+            ok = [t for t in trials if t["agreement_with_fp32"] >= best_agree - 0.005]
+            chosen = min(ok, key=lambda t: t["p50_ms_1thread"] or 0.0)
+            os.replace(chosen["path"], out)
+        for t in trials:
+            t.pop("path")
+    except CompressError as exc:
+        run.fail("quantize", "failed", str(exc))
+        raise
+    result = {"recipe": chosen["recipe"], "description": get_recipe(chosen["recipe"]).description, "requested": recipe_name,
+              "calibration_rows": int(len(calib)), "calibrate_method": cfg.calibrate_method, "per_channel": cfg.per_channel,
+              "agreement_with_fp32": chosen["agreement_with_fp32"], "fp32_p50_ms_1thread": fp32_ms, "trials": trials}
+    run.finish("quantize", {"onnx_int8": "student.int8.onnx"}, result)
+    _say(f"quantize: {chosen['recipe']} -> student.int8.onnx, agreement with FP32 {chosen['agreement_with_fp32']:.4f}")
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+def bench(run_dir: str | Path, config: BenchConfig | None = None, *, force: bool = False) -> dict:
+    """Measure accuracy, agreement with the teacher, latency, size and parameters of every variant; write report.json."""
+    from .bench.report import build_report, load_report
+    from .bench.runner_bench import bench_models
+
+    run = Run.open(run_dir)
+    if config is not None:
+        run.set_stage_config("bench", config)
+    if _skip(run, "bench", force):
+        return load_report(run.path("report.json"))
+    cfg = run.config.bench
+    run.begin("bench")
+    try:
+        models = bench_models(run, cfg)
+        rep = build_report(run, models)
+        write_json(run.path("report.json"), rep)
+    except CompressError as exc:
+        run.fail("bench", "failed", str(exc))
+        raise
+    run.finish("bench", {"report": "report.json"}, {"models": len(models)})
+    return rep
+
+
+def report(run_dir: str | Path, *, html: bool = False) -> dict:
+    """Render report.md (and the terminal table) from the run's report.json."""
+    from .bench.report import load_report, render_markdown
+
+    run = Run.open(run_dir)
+    rep = load_report(run.path("report.json"))
+    from ._io import write_text
+
+    write_text(run.path("report.md"), render_markdown(rep))
+    run.begin("report")
+    run.finish("report", {"markdown": "report.md"}, {})
+    return rep
+
+
+# ---------------------------------------------------------------------------------------------
+def compress(cfg: CompressConfig, out: str | Path | None = None, *, force: bool = False, resume: bool = False) -> dict:
+    """The whole pipeline: distill, export, quantize, bench, report; returns the report."""
+    run = distill(cfg, out, force=force, resume=resume)
+    # a forced or redone distill makes the later stages stale through their fingerprints
+    export(run.dir, force=force)
+    quantize(run.dir, force=force)
+    rep = bench(run.dir, force=force)
+    report(run.dir)
+    return rep

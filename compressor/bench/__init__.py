@@ -1,0 +1,1 @@
+"""Latency methodology, host description, and the report (JSON contract, Markdown, terminal)."""

@@ -1,0 +1,59 @@
+"""Describe the machine the measurements ran on: CPU model, cores, ISA features, GPU, library versions."""
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+
+
+def _cpu() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key == "model name" and val.strip():
+                    model = val.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(val.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def describe_host() -> dict:
+    """A JSON-able description of this host."""
+    model, flags = _cpu()
+    features = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm") if f in flags]
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    return {
+        "hostname": platform.node(),
+        "os": f"{platform.system()} {platform.release()}",
+        "machine": platform.machine(),
+        "cpu": model,
+        "cpu_count": os.cpu_count(),
+        "cpu_features": features,
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "versions": {p: _version(p) for p in ("torch", "onnx", "onnxruntime", "numpy", "tensorrt") if _version(p)},
+    }
+
+
+def has_vnni() -> bool:
+    _, flags = _cpu()
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"} & flags)

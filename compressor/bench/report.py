@@ -1,0 +1,154 @@
+"""report.json (the public contract, validated by a shipped JSON Schema), report.md and the terminal table."""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+from .. import __version__
+from ..errors import CompressError
+from .host import describe_host
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "report.schema.json"
+
+
+@functools.lru_cache(maxsize=1)
+def schema() -> dict:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def validate_report(rep: dict, where: str = "report") -> dict:
+    """Raise CompressError naming the first place where rep breaks the report schema."""
+    import jsonschema
+
+    errors = sorted(jsonschema.Draft202012Validator(schema()).iter_errors(rep), key=lambda e: list(e.absolute_path))
+    if errors:
+        e = errors[0]
+        at = "/".join(map(str, e.absolute_path)) or "(top level)"
+        raise CompressError(f"{where} is not a valid report (schema version 1) at {at}: {e.message[:200]}")
+    return rep
+
+
+def load_report(path: str | Path) -> dict:
+    """Read and validate a report.json."""
+    p = Path(path)
+    try:
+        rep = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CompressError(f"{p} does not exist", hint="run 'compress bench' first") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CompressError(f"{p} is not readable JSON: {exc}") from None
+    return validate_report(rep, str(p))
+
+
+def build_report(run, models: list[dict]) -> dict:
+    """Assemble the report for a run from its manifest and the benched models."""
+    from ..run import now
+
+    target, host = run.target, describe_host()
+    on_host = bool(target.get("is_host"))
+    where = f"{host['cpu']} ({host['cpu_count']} cores{', GPU ' + host['gpu'] if host['gpu'] else ''})"
+    note = (f"Latencies were measured on this host: {where}." if on_host else
+            f"Latencies were measured on this host ({where}) with ONNX Runtime / PyTorch on the CPU, NOT on the target "
+            f"{target['description']}; they show relative speed only.")
+    stages = run.manifest["stages"]
+    distill, quant = stages["distill"]["result"], stages["quantize"]["result"]
+    cfg = run.config
+    notes = [note]
+    int8 = next((m for m in models if m["precision"] == "int8"), None)
+    fp32 = next((m for m in models if m["format"] == "onnx" and m["precision"] == "fp32"), None)
+    if int8 and fp32 and int8["latency_ms"]["p50"] > fp32["latency_ms"]["p50"]:
+        notes.append(f"INT8 ({quant['recipe']}) is slower than FP32 on this host for this model "
+                     f"({int8['latency_ms']['p50']:.3f} vs {fp32['latency_ms']['p50']:.3f} ms p50): ship FP32 for this CPU.")
+    if any(m["latency_ms"].get("noisy") for m in models):
+        notes.append("Some latency measurements were noisy (coefficient of variation above 15%); rerun 'compress bench' on a quiet machine.")
+    rep = {
+        "schema_version": 1,
+        "created": now(),
+        "tool_version": __version__,
+        "target": {"name": target["name"], "description": target["description"], "kind": target["kind"],
+                   "runtime": target["runtime"]["name"], "int8_recipe": quant["recipe"],
+                   "latency_measured_on": "target" if on_host else "host", "latency_note": note},
+        "host": host,
+        "data": distill["data"],
+        "configs": {"data": cfg.data.to_dict(), "distill": cfg.distill.to_dict(), "export": cfg.export.to_dict(),
+                    "quantize": cfg.quantize.to_dict(), "bench": cfg.bench.to_dict()},
+        "teacher": {"path": run.manifest["inputs"]["teacher"]["path"], "sha256": run.manifest["inputs"]["teacher"]["sha256"],
+                    "format": distill["teacher_format"]},
+        "models": models,
+        "checks": {
+            "export": stages["export"]["result"]["check"],
+            "quantize": {k: quant[k] for k in ("recipe", "requested", "agreement_with_fp32", "calibration_rows", "calibrate_method", "trials")},
+            "distill": {k: {kk: v[kk] for kk in ("val_accuracy", "best_step", "steps", "seconds", "train_rows")}
+                        for k, v in distill.items() if k in ("student", "baseline")},
+        },
+        "notes": notes,
+    }
+    return validate_report(rep)
+
+
+def _table_rows(rep: dict) -> list[list[str]]:
+    teacher = next((m for m in rep["models"] if m["role"] == "teacher"), rep["models"][0])
+    rows = []
+    for m in rep["models"]:
+        lat = m["latency_ms"]
+        rows.append([
+            m["name"], f"{m['format']} {m['precision']}", m["runtime"], f"{m['accuracy'] * 100:.2f}",
+            f"{m['agreement'] * 100:.2f}", f"{lat['p50']:.3f}", f"{lat['p99']:.3f}",
+            f"{m['params']:,}", f"{m['size_bytes'] / 1024:.1f}", f"{teacher['latency_ms']['p50'] / lat['p50']:.2f}x" if lat["p50"] else "-",
+        ])
+    return rows
+
+
+HEADERS = ["model", "format", "runtime", "accuracy %", "agrees w/ teacher %", "p50 ms", "p99 ms", "params", "size KiB", "speed vs teacher"]
+
+
+def render_markdown(rep: dict) -> str:
+    t, h, d = rep["target"], rep["host"], rep["data"]
+    lines = [
+        f"# Compression report — target {t['name']}",
+        "",
+        f"{t.get('description', '')}. Created {rep['created']} by compressor {rep['tool_version']}.",
+        "",
+        f"> {t['latency_note']}",
+        "",
+        f"Data: {d['train_labeled']} labeled + {d['train_unlabeled']} unlabeled training rows; "
+        f"accuracy on {d['heldout']} held-out rows ({d['heldout_source']}).",
+        "",
+        "| " + " | ".join(HEADERS) + " |",
+        "|" + "|".join("---" for _ in HEADERS) + "|",
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in _table_rows(rep)]
+    lat = rep["models"][0]["latency_ms"]
+    lines += ["", f"Latency: batch {rep['models'][0].get('batch_size', 1)}, {rep['models'][0].get('threads', '?')} threads, "
+              f"p50/p99 over ≥{lat.get('runs', '?')} runs after warm-up."]
+    checks = rep.get("checks", {})
+    if "export" in checks:
+        e = checks["export"]
+        lines += [f"ONNX export check: max |ONNX − PyTorch| = {e['max_abs_diff']:.2e} (tolerance {e['atol']:.0e}), "
+                  f"argmax agreement {e['agreement'] * 100:.2f}% on {e['rows']} held-out rows, opset {e['opset']}."]
+    if "quantize" in checks:
+        q = checks["quantize"]
+        lines += [f"INT8 recipe: {q['recipe']} (asked: {q['requested']}), calibrated on {q['calibration_rows']} training rows "
+                  f"({q['calibrate_method']}); agrees with FP32 on {q['agreement_with_fp32'] * 100:.2f}% of unseen training rows."]
+    lines += ["", f"Host: {h['cpu']}, {h['cpu_count']} cores, features {', '.join(h.get('cpu_features', [])) or 'n/a'}; "
+              + ", ".join(f"{k} {v}" for k, v in h["versions"].items()) + "."]
+    for n in rep.get("notes", [])[1:]:
+        lines += ["", f"Note: {n}"]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(rep: dict, console=None) -> None:
+    """The comparison table on the terminal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"target {rep['target']['name']}", caption=rep["target"]["latency_note"])
+    for i, h in enumerate(HEADERS):
+        table.add_column(h, justify="left" if i < 3 else "right")
+    for r in _table_rows(rep):
+        table.add_row(*r)
+    console.print(table)
+    for n in rep.get("notes", [])[1:]:
+        console.print(f"[yellow]note:[/] {n}")

@@ -1,0 +1,65 @@
+"""Bench every model variant of a run through the runners: held-out accuracy, agreement with the
+teacher, batch latency, file size and parameter count."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..config import BenchConfig
+from ..runtime import OnnxRuntimeRunner, Runner, TorchRunner, infer_batched
+from .latency import measure
+
+
+def _params_onnx(path: Path) -> int:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return int(sum(int(np.prod(t.dims)) for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT))
+
+
+def _one(name: str, role: str, precision: str, runner: Runner, path: Path, params: int, run, cfg: BenchConfig, teacher_pred) -> tuple[dict, np.ndarray]:
+    ds = run.data
+    with runner:
+        logits = infer_batched(runner, ds.x_test, cfg.eval_batch_size)
+        x1 = np.ascontiguousarray(ds.x_test[: cfg.batch_size])
+        lat = measure(lambda: runner.infer(x1), warmup_ms=cfg.warmup_ms, warmup_runs=cfg.warmup_runs,
+                      min_runs=cfg.min_runs, min_duration_s=cfg.min_duration_s)
+    pred = logits.argmax(1)
+    desc = runner.describe()
+    return {
+        "name": name, "role": role, "format": desc["format"], "precision": precision, "runtime": desc["runtime"],
+        "device": f"host cpu ({desc['threads']} threads)",
+        "path": os.path.relpath(path, run.dir), "size_bytes": int(path.stat().st_size), "params": int(params),
+        "accuracy": float(np.mean(pred == ds.y_test)),
+        "agreement": float(np.mean(pred == teacher_pred)) if teacher_pred is not None else 1.0,
+        "latency_ms": lat, "batch_size": cfg.batch_size, "threads": desc["threads"],
+    }, pred
+
+
+def bench_models(run, cfg: BenchConfig) -> list[dict]:
+    """Bench the teacher, the student (PyTorch, ONNX FP32, ONNX INT8) and the baseline when trained."""
+    from ..api import _load_trained
+
+    teacher = run.teacher
+    threads = cfg.threads
+    distill = run.stage("distill")
+    student_params = distill["result"]["params"]
+    t_runner = OnnxRuntimeRunner(teacher.path, threads) if teacher.session is not None else TorchRunner(teacher.module, threads)
+    teacher_row, teacher_pred = _one("teacher", "teacher", "fp32", t_runner, teacher.path, teacher.num_params() or 0, run, cfg, None)
+    rows = [teacher_row]
+
+    def add(*args):
+        rows.append(_one(*args, run, cfg, teacher_pred)[0])
+
+    add("student", "student", "fp32", TorchRunner(_load_trained(run, "student"), threads), run.path("student.pt"),
+        student_params)
+    if "baseline" in distill["outputs"]:
+        add("baseline (labels only)", "baseline", "fp32", TorchRunner(_load_trained(run, "baseline"), threads),
+            run.path("baseline.pt"), student_params)
+    fp32 = run.path(run.stage("export")["outputs"]["onnx_fp32"])
+    add("student onnx fp32", "student", "fp32", OnnxRuntimeRunner(fp32, threads), fp32, student_params)
+    int8 = run.path(run.stage("quantize")["outputs"]["onnx_int8"])
+    add("student onnx int8", "student", "int8", OnnxRuntimeRunner(int8, threads), int8, student_params)
+    return rows

@@ -1,0 +1,305 @@
+"""The `compress` command: argument parsing only; every action is a call into compressor.api.
+Heavy libraries (torch, onnxruntime) are imported only when a command runs, so --help is fast."""
+from __future__ import annotations
+
+import logging
+import shlex
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from .config import BenchConfig, CompressConfig, DataConfig, DistillConfig, ExportConfig, QuantizeConfig
+from .errors import EXIT_BUG, EXIT_INTERRUPTED, CompressError
+
+log = logging.getLogger("compressor")
+STAGE_COMMANDS = ("distill", "export", "quantize", "bench", "report", "targets", "run")
+
+
+class _DefaultToRun(click.Group):
+    """`compress --teacher ...` means `compress run --teacher ...`: the pipeline is the default command."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["run", *args]
+        elif not args:
+            args = ["run"]
+        return super().parse_args(ctx, args)
+
+
+def _setup_logging(quiet: bool, debug: bool) -> None:
+    log.setLevel(logging.DEBUG)
+    if not any(getattr(h, "_compress_console", False) for h in log.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h._compress_console = True
+        h.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(h)
+    for h in log.handlers:
+        if getattr(h, "_compress_console", False):
+            h.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
+
+
+def _log_to(run_dir: Path) -> None:
+    """Also keep a full log (tracebacks included) in the run directory."""
+    path = Path(run_dir) / "compress.log"
+    if not path.parent.is_dir() or any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in log.handlers):
+        return
+    fh = logging.FileHandler(path, encoding="utf-8")
+    fh.setLevel(logging.DEBUG)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(fh)
+
+
+def _list(value: str | None, kind=float, n: int | None = None, flag: str = ""):
+    if value is None:
+        return None
+    try:
+        out = [kind(v) for v in value.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}", param_hint=flag) from None
+    if n is not None and len(out) != n:
+        raise click.BadParameter(f"expected {n} values, got {value!r}", param_hint=flag)
+    return out
+
+
+def pipeline_options(fn):
+    """Options shared by the full pipeline and `compress distill` (Polygraphy-style argument groups)."""
+    opts = [
+        click.option("--teacher", type=str, help="Trained model: TorchScript, torch.export .pt2, ONNX, or a state dict (with --teacher-arch). Default: the built-in demo teacher."),
+        click.option("--teacher-arch", type=str, help="file.py:factory (or package.module:factory) building the module for a state-dict teacher."),
+        click.option("--trust", is_flag=True, help="Allow loading a whole pickled module (runs code from the file: only for files you trust)."),
+        click.option("--target", default="jetson", show_default=True, help="Device profile name or alias (see 'compress targets'), or a path to your own .toml."),
+        click.option("--data", "data", default="mnist1d", show_default=True, help="Training data: an .npz (x, y, optional x_test/y_test), an image folder, or 'mnist1d'."),
+        click.option("--eval-data", type=str, help="Held-out image folder (default: a sibling test/ or val/ of a train/ folder, else a stratified split)."),
+        click.option("--student", type=str, help="file.py:factory or package.module:factory returning an nn.Module. Default: a built-in student sized to a tenth of the teacher."),
+        click.option("--out", type=click.Path(path_type=Path), help="Run directory for every artifact and the report. Default: runs/<timestamp>."),
+        click.option("--image-size", type=str, help="HxW for image folders, e.g. 32x32 (default: the teacher's input, else the first image's)."),
+        click.option("--channels", type=click.IntRange(1, 3), help="1 (grayscale) or 3 (RGB) for image folders."),
+        click.option("--mean", type=str, help="Per-channel mean to subtract after scaling pixels to [0,1], e.g. 0.485,0.456,0.406."),
+        click.option("--std", type=str, help="Per-channel std to divide by after --mean."),
+        click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help=f"Passes over the training pool (default {DistillConfig.epochs:g})."),
+        click.option("--steps", type=click.IntRange(min=1), help="Optimiser steps (overrides --epochs)."),
+        click.option("--batch-size", type=click.IntRange(min=1), help=f"Training batch size (default {DistillConfig.batch_size})."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), help=f"Peak learning rate for AdamW (default {DistillConfig.lr:g})."),
+        click.option("--temperature", "-T", type=click.FloatRange(min=0, min_open=True), help=f"Softmax temperature of the KD term (default {DistillConfig.temperature:g})."),
+        click.option("--alpha", type=click.FloatRange(0, 1), help=f"Weight of the KD term on labeled rows (default {DistillConfig.alpha:g})."),
+        click.option("--baseline/--no-baseline", default=None, help="Also train the student on labels alone with the same budget (default: on for the built-in example)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (default auto: CUDA when present)."),
+        click.option("--seed", type=int, help="Seed for splits, initialisation and batch order (default 0)."),
+        click.option("--force", is_flag=True, help="Redo stages that already finished in --out."),
+        click.option("--resume", is_flag=True, help="Continue an interrupted distillation from its last checkpoint."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _config_from(kw: dict) -> CompressConfig:
+    data = DataConfig().replace(source=kw["data"], eval_source=kw["eval_data"], image_size=_list(kw["image_size"], int, 2, "--image-size"),
+                                channels=kw["channels"], mean=_list(kw["mean"]), std=_list(kw["std"]), seed=kw["seed"])
+    baseline = kw["baseline"] if kw["baseline"] is not None else kw["teacher"] is None
+    distill = DistillConfig().replace(student=kw["student"], epochs=kw["epochs"], steps=kw["steps"], batch_size=kw["batch_size"], lr=kw["lr"],
+                                      temperature=kw["temperature"], alpha=kw["alpha"], baseline=baseline, device=kw["device"], seed=kw["seed"])
+    return CompressConfig(teacher=kw["teacher"], teacher_arch=kw["teacher_arch"], trust=kw["trust"], target=kw["target"], data=data, distill=distill)
+
+
+def _check_target(name: str) -> None:
+    from .targets import get_target
+
+    get_target(name)  # fail on a typo before any training starts
+
+
+@click.group(cls=_DefaultToRun, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="compressor", prog_name="compress")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and the final table.")
+@click.pass_context
+def cli(ctx, debug, quiet):
+    """Distil a trained model into a small student, export it to ONNX with INT8, and compare every
+    variant with the teacher.
+
+    \b
+    With no command, runs the whole pipeline (same options as 'compress run'):
+      compress --target jetson                       # built-in example: mnist1d + demo teacher
+      compress --teacher model.pt --data train.npz --student student.py:build --out runs/exp1
+    """
+    ctx.obj = {"debug": debug}
+    _setup_logging(quiet, debug)
+
+
+@cli.command("run")
+@pipeline_options
+def run_cmd(**kw):
+    """Run every stage: distill, export, quantize, bench, report."""
+    from .api import compress
+    from .bench.report import print_table
+
+    _check_target(kw["target"])
+    cfg = _config_from(kw)
+    out = kw["out"] or _default_out()
+    _log_to_after_create(out)
+    rep = compress(cfg, out, force=kw["force"], resume=kw["resume"])
+    print_table(rep)
+    click.echo(f"report: {out / 'report.md'} and {out / 'report.json'}")
+
+
+@cli.command("distill")
+@pipeline_options
+def distill_cmd(**kw):
+    """Train the student from the teacher (stage 1)."""
+    from .api import distill
+
+    _check_target(kw["target"])
+    out = kw["out"] or _default_out()
+    _log_to_after_create(out)
+    run = distill(_config_from(kw), out, force=kw["force"], resume=kw["resume"])
+    click.echo(f"student: {run.dir / 'student.pt'}")
+
+
+def _default_out() -> Path:
+    from .run import default_run_dir
+
+    return default_run_dir()
+
+
+def _log_to_after_create(out: Path) -> None:
+    from ._io import ensure_dir
+
+    ensure_dir(out)
+    _log_to(out)
+
+
+run_dir_arg = click.argument("run_dir", type=click.Path(path_type=Path))
+force_opt = click.option("--force", is_flag=True, help="Redo the stage even if it already finished.")
+
+
+@cli.command("export")
+@run_dir_arg
+@click.option("--opset", type=click.IntRange(13, 23), help="ONNX opset (default: the target profile's).")
+@click.option("--atol", type=click.FloatRange(min=0, min_open=True), help=f"Tolerance on max |ONNX - PyTorch| (default {ExportConfig.atol:g}).")
+@force_opt
+def export_cmd(run_dir, opset, atol, force):
+    """Export the trained student to ONNX and check it against PyTorch (stage 2)."""
+    from .api import export
+    from .run import Run
+
+    _log_to(run_dir)
+    cfg = Run.open(run_dir).config.export.replace(opset=opset, atol=atol)
+    export(run_dir, cfg, force=force)
+
+
+@cli.command("quantize")
+@run_dir_arg
+@click.option("--recipe", help="INT8 recipe (default: the target's). One of tensorrt, cpu-u8s8, cpu-s8s8, cpu-u8s8-reduced, cpu-auto.")
+@click.option("--calibration-rows", type=click.IntRange(min=1), help=f"Rows of your data used to calibrate (default {QuantizeConfig.calibration_rows}).")
+@click.option("--calibrate-method", type=click.Choice(["minmax", "entropy", "percentile"]))
+@force_opt
+def quantize_cmd(run_dir, recipe, calibration_rows, calibrate_method, force):
+    """Quantize the ONNX student to INT8 Q/DQ, calibrated on your data (stage 3)."""
+    from .api import quantize
+    from .run import Run
+
+    _log_to(run_dir)
+    cfg = Run.open(run_dir).config.quantize.replace(recipe=recipe, calibration_rows=calibration_rows, calibrate_method=calibrate_method)
+    quantize(run_dir, cfg, force=force)
+
+
+@cli.command("bench")
+@run_dir_arg
+@click.option("--threads", type=click.IntRange(min=1), help=f"CPU threads for every runner (default {BenchConfig.threads}).")
+@click.option("--min-runs", type=click.IntRange(min=1), help=f"Minimum timed runs per model (default {BenchConfig.min_runs}).")
+@click.option("--min-duration", "min_duration_s", type=click.FloatRange(min=0), help=f"Minimum timed seconds per model (default {BenchConfig.min_duration_s:g}).")
+@force_opt
+def bench_cmd(run_dir, threads, min_runs, min_duration_s, force):
+    """Measure accuracy, agreement and latency of every variant; write report.json (stage 4)."""
+    from .api import bench, report
+    from .bench.report import print_table
+    from .run import Run
+
+    _log_to(run_dir)
+    cfg = Run.open(run_dir).config.bench.replace(threads=threads, min_runs=min_runs, min_duration_s=min_duration_s)
+    rep = bench(run_dir, cfg, force=force)
+    report(run_dir)
+    print_table(rep)
+
+
+@cli.command("report")
+@run_dir_arg
+def report_cmd(run_dir):
+    """Re-render report.md and the terminal table from report.json (stage 5)."""
+    from .api import report
+    from .bench.report import print_table
+
+    print_table(report(run_dir))
+    click.echo(f"report: {Path(run_dir) / 'report.md'}")
+
+
+@cli.command("targets")
+@click.argument("name", required=False)
+def targets_cmd(name):
+    """List the device profiles, or show one."""
+    import json
+
+    from .targets import get_target, list_targets
+
+    if name:
+        click.echo(json.dumps(get_target(name), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    for h in ("name", "aliases", "kind", "runtime", "int8 recipe", "description"):
+        table.add_column(h)
+    for p in list_targets():
+        rt = p["runtime"]
+        table.add_row(p["name"], ", ".join(p.get("aliases", [])), p["kind"], f"{rt['name']} {rt.get('version', '')}".strip(),
+                      p["quantization"]["int8_recipe"], p["description"])
+    Console().print(table)
+
+
+def _resume_command() -> str:
+    args = [a for a in sys.argv[1:] if a != "--resume"]
+    return "compress " + " ".join(shlex.quote(a) for a in args) + " --resume"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, turning our errors into one line and a documented exit code."""
+    def _term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="compress", standalone_mode=False)
+        return 0
+    except click.exceptions.Abort:
+        click.echo(f"interrupted. Resume with: {_resume_command()}", err=True)
+        return EXIT_INTERRUPTED
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except KeyboardInterrupt:
+        log.debug("interrupted", exc_info=True)
+        click.echo(f"\ninterrupted; progress is saved. Resume with: {_resume_command()}", err=True)
+        return EXIT_INTERRUPTED
+    except CompressError as exc:
+        log.debug("error", exc_info=True)
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except Exception as exc:  # a bug: keep the trace in the log, show one line unless --debug
+        log.debug("internal error", exc_info=True)
+        if debug:
+            traceback.print_exc()
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback; please report it)", err=True)
+        return EXIT_BUG
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

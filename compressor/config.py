@@ -1,0 +1,134 @@
+"""One small dataclass config per stage; each round-trips through JSON and is embedded in the report."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+from .errors import CompressError
+
+CONFIG_VERSION = 1
+
+
+class _Config:
+    """Mixin: to_dict()/from_dict() with a version tag and a clear error on unknown keys."""
+
+    def to_dict(self) -> dict:
+        out = {"config_version": CONFIG_VERSION}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.to_dict() if isinstance(v, _Config) else (list(v) if isinstance(v, tuple) else v)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        if not isinstance(d, dict):
+            raise CompressError(f"{cls.__name__}: expected a JSON object, got {type(d).__name__}")
+        d = dict(d)
+        version = d.pop("config_version", CONFIG_VERSION)
+        if version != CONFIG_VERSION:
+            raise CompressError(f"{cls.__name__}: config version {version} is not supported (this tool reads {CONFIG_VERSION})")
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise CompressError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+        kwargs = {}
+        for k, v in d.items():
+            sub = hints.get(k)
+            if isinstance(sub, type) and issubclass(sub, _Config):
+                v = sub.from_dict(v)
+            kwargs[k] = v
+        return cls(**kwargs)
+
+    def replace(self, **changes):
+        """A copy with the given fields changed; None values are ignored (unset CLI flags)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+@dataclass
+class DataConfig(_Config):
+    """Where the training pool and the held-out set come from."""
+
+    source: str = "mnist1d"  # path to .npz, an image folder, or "mnist1d"
+    eval_source: str | None = None  # explicit held-out image folder or .npz
+    heldout_fraction: float = 0.2  # used only when the data carries no held-out set
+    image_size: list[int] | None = None  # [H, W] for image folders; default: the teacher's or the images' own
+    channels: int | None = None  # 1 (grayscale) or 3 (RGB) for image folders
+    mean: list[float] | None = None  # per-channel normalisation after scaling pixels to [0, 1]
+    std: list[float] | None = None
+    mnist1d_samples: int = 55000  # rows generated for the built-in data (80% pool, 20% held out)
+    mnist1d_labels: int = 4000  # labeled rows of the pool; the rest are unlabeled (y = -1)
+    seed: int = 0
+
+
+@dataclass
+class DistillConfig(_Config):
+    """How the student is trained from the teacher (and the labels-only baseline, if asked)."""
+
+    student: str | None = None  # "file.py:factory" | "pkg.mod:factory" | None for the default student
+    loss: str = "kd"
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the soft-target term on labeled rows; unlabeled rows use it alone
+    steps: int | None = None  # optimiser steps; default: enough epochs over the pool, see trainer
+    epochs: float = 30.0  # used when steps is None
+    batch_size: int = 256
+    lr: float = 3e-3
+    weight_decay: float = 1e-2
+    warmup_fraction: float = 0.05
+    clip_grad_norm: float = 1.0
+    val_fraction: float = 0.1  # of labeled training rows, for checkpoint selection (never the held-out set)
+    evals: int = 30  # validation points over the run
+    baseline: bool = False  # also train the same student on labels alone with the same budget
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # mixed precision on CUDA
+    seed: int = 0
+
+
+@dataclass
+class ExportConfig(_Config):
+    """ONNX export and its numeric check against PyTorch."""
+
+    opset: int | None = None  # default: the target profile's
+    atol: float = 1e-3  # max |onnx - torch| over held-out logits
+    min_agreement: float = 0.999  # argmax agreement with PyTorch on held-out rows
+    check_rows: int = 2048
+
+
+@dataclass
+class QuantizeConfig(_Config):
+    """Static INT8 quantization with ONNX Runtime, calibrated on the user's data."""
+
+    recipe: str = "auto"  # auto: the target's; or a registered recipe name
+    calibration_rows: int = 512
+    calibrate_method: str = "minmax"  # minmax | entropy | percentile
+    per_channel: bool = True
+    seed: int = 0
+
+
+@dataclass
+class BenchConfig(_Config):
+    """Accuracy on the full held-out set and batch-1 latency on this host."""
+
+    threads: int = 2
+    batch_size: int = 1
+    warmup_ms: float = 200.0
+    warmup_runs: int = 10
+    min_runs: int = 200
+    min_duration_s: float = 1.0
+    eval_batch_size: int = 1024
+
+
+@dataclass
+class CompressConfig(_Config):
+    """The whole pipeline: inputs plus one config per stage."""
+
+    teacher: str | None = None  # None: the built-in demo teacher (with data "mnist1d")
+    teacher_arch: str | None = None
+    trust: bool = False
+    target: str = "jetson"
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)

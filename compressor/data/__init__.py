@@ -1,0 +1,116 @@
+"""Data sources: an .npz file, an image folder, or the built-in mnist1d; plus splits and checks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import DataConfig
+from ..errors import CompressError
+
+
+@dataclass
+class Dataset:
+    """A training pool (y = -1 marks unlabeled rows) and a held-out set, both validated."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    heldout_source: str  # x_test | split | folder
+    name: str
+    class_names: list[str] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.y.max(initial=-1), self.y_test.max(initial=-1))) + 1
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    def summary(self) -> dict:
+        labeled = int((self.y >= 0).sum())
+        return {
+            "name": self.name,
+            "train_labeled": labeled,
+            "train_unlabeled": int(len(self.y) - labeled),
+            "heldout": int(len(self.y_test)),
+            "heldout_source": self.heldout_source,
+        }
+
+
+def load_data(cfg: DataConfig, *, teacher_input_shape: tuple | None = None, cache_dir: Path | None = None) -> Dataset:
+    """Load and validate the data named by cfg.source."""
+    src = cfg.source
+    if src == "mnist1d":
+        from ._mnist1d import load_mnist1d
+
+        ds = load_mnist1d(cfg, cache_dir)
+    else:
+        path = Path(src)
+        if not path.exists():
+            raise CompressError(f"data {src} does not exist", hint="pass an .npz file, an image folder, or 'mnist1d'")
+        if path.is_dir():
+            from ._folder import load_image_folder
+
+            ds = load_image_folder(cfg, teacher_input_shape)
+        else:
+            from ._npz import load_npz
+
+            ds = load_npz(path, cfg)
+    return validate(ds)
+
+
+def validate(ds: Dataset) -> Dataset:
+    """Check shapes, dtypes, finiteness and labels; raise CompressError naming the first problem."""
+    for xname, yname in (("x", "y"), ("x_test", "y_test")):
+        x, y = getattr(ds, xname), getattr(ds, yname)
+        if x.ndim < 2:
+            raise CompressError(f"{ds.name}: '{xname}' must be N×… with at least 2 dimensions, got shape {x.shape}")
+        if y.ndim != 1 or len(y) != len(x):
+            raise CompressError(f"{ds.name}: '{yname}' must have shape ({len(x)},) to match '{xname}', got {y.shape}")
+        if not np.all(np.isfinite(x)):
+            bad = int((~np.isfinite(x)).reshape(len(x), -1).any(1).sum())
+            raise CompressError(f"{ds.name}: '{xname}' has NaN or Inf values in {bad} rows", hint="clean or drop those rows")
+    if ds.x.shape[1:] != ds.x_test.shape[1:]:
+        raise CompressError(f"{ds.name}: held-out rows have shape {ds.x_test.shape[1:]} but training rows {ds.x.shape[1:]}")
+    if (ds.y < -1).any():
+        raise CompressError(f"{ds.name}: labels below -1 found (min {int(ds.y.min())}); use -1 for unlabeled rows only")
+    if (ds.y_test < 0).any():
+        raise CompressError(f"{ds.name}: every held-out row needs a label (found labels < 0 in y_test)")
+    if not (ds.y >= 0).any():
+        raise CompressError(f"{ds.name}: no labeled rows in the training data", hint="label some rows (y >= 0) or add x_test/y_test")
+    if len(ds.y_test) == 0:
+        raise CompressError(f"{ds.name}: the held-out set is empty")
+    return ds
+
+
+def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (keep, held) of labeled rows, `fraction` of each class held out, seeded."""
+    rng = np.random.default_rng(seed)
+    keep, held = [], []
+    for c in np.unique(y[y >= 0]):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        n = int(round(len(idx) * fraction))
+        if len(idx) > 1:
+            n = min(max(n, 1), len(idx) - 1)
+        else:
+            n = 0
+        held.append(idx[:n])
+        keep.append(idx[n:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
+
+
+def check_classes(ds: Dataset, num_classes: int, who: str = "the teacher") -> None:
+    """Raise when the labels name classes the model does not have."""
+    top = int(max(ds.y.max(initial=-1), ds.y_test.max(initial=-1)))
+    if top >= num_classes:
+        raise CompressError(
+            f"labels go up to {top} but {who} has {num_classes} classes",
+            hint="labels must be in 0..classes-1 (or -1 for unlabeled); check the teacher and the data belong together",
+        )
+    if ds.class_names is not None and len(ds.class_names) != num_classes:
+        raise CompressError(f"the image folder has {len(ds.class_names)} classes but {who} has {num_classes}")

@@ -1,0 +1,57 @@
+"""`.npz` data: x (float, N×…), y (int, N; -1 = unlabeled), optional x_test / y_test."""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from ..config import DataConfig
+from ..errors import CompressError
+
+
+def _array(npz, key: str, path: Path, kind: str) -> np.ndarray:
+    try:
+        a = npz[key]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise CompressError(f"{path}: array '{key}' cannot be read ({exc})", hint="the file may be truncated or corrupt") from None
+    if kind == "x":
+        if a.dtype.kind not in "fiu" or a.dtype == np.bool_:
+            raise CompressError(f"{path}: '{key}' must be a float array, got dtype {a.dtype}")
+        if a.dtype.kind != "f":
+            raise CompressError(f"{path}: '{key}' has integer dtype {a.dtype}; convert it to float32 in the scale the teacher expects")
+        return np.ascontiguousarray(a, dtype=np.float32)
+    if a.dtype.kind not in "iu":
+        raise CompressError(f"{path}: '{key}' must be an integer array of class indices, got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def load_npz(path: Path, cfg: DataConfig):
+    from . import Dataset, stratified_split
+
+    if path.stat().st_size == 0:
+        raise CompressError(f"data {path} is empty")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise CompressError(f"data {path} is not a readable .npz file ({type(exc).__name__})", hint="save it with numpy.savez(path, x=..., y=...)") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise CompressError(f"data {path} is a single .npy array, not an .npz with 'x' and 'y'")
+    with npz:
+        keys = set(npz.files)
+        if not {"x", "y"} <= keys:
+            raise CompressError(f"data {path} needs arrays 'x' and 'y'; it has {sorted(keys) or 'none'}")
+        x, y = _array(npz, "x", path, "x"), _array(npz, "y", path, "y")
+        if ("x_test" in keys) != ("y_test" in keys):
+            raise CompressError(f"data {path}: give both 'x_test' and 'y_test' or neither")
+        if "x_test" in keys:
+            xt, yt = _array(npz, "x_test", path, "x"), _array(npz, "y_test", path, "y")
+            return Dataset(x, y, xt, yt, "x_test", str(path))
+    if len(y) != len(x) or y.ndim != 1:
+        raise CompressError(f"data {path}: 'y' must have shape ({len(x)},), got {y.shape}")
+    keep, held = stratified_split(y, cfg.heldout_fraction, cfg.seed)
+    if len(held) == 0:
+        raise CompressError(f"data {path}: too few labeled rows to hold any out", hint="add x_test/y_test or more labeled rows")
+    train_mask = np.ones(len(y), bool)
+    train_mask[held] = False
+    return Dataset(x[train_mask], y[train_mask], x[held], y[held], "split", str(path))

@@ -1,0 +1,185 @@
+"""The training loop shared by distillation and the labels-only baseline: AdamW, warm-up + cosine,
+gradient clipping, seeded batch order, validation-based best checkpoint, resumable checkpoints."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .._io import torch_save
+from ..config import DistillConfig
+from ..errors import CompressError
+from .losses import get_loss
+
+
+@dataclass
+class TrainResult:
+    best_val_accuracy: float
+    best_step: int
+    steps: int
+    seconds: float
+    history: list[dict]
+    resumed_from: int
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CompressError("--device cuda was asked for but no CUDA GPU is available", hint="use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise CompressError(f"unknown device '{name}'", hint="use auto, cpu or cuda")
+    return name
+
+
+def budget_steps(cfg: DistillConfig, pool_rows: int) -> int:
+    """Optimiser steps for a run: cfg.steps, or cfg.epochs passes over the pool."""
+    if cfg.steps is not None:
+        return int(cfg.steps)
+    return max(1, math.ceil(cfg.epochs * pool_rows / cfg.batch_size))
+
+
+def _batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
+    """Rows for a given step: a seeded permutation per epoch, so a resumed run sees the same batches."""
+    per_epoch = math.ceil(n / batch_size)
+    epoch, pos = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[pos * batch_size:(pos + 1) * batch_size]
+
+
+def _accuracy(module, x, y, device, batch_size=2048) -> float:
+    import torch
+
+    module.eval()
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            correct += int((module(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+    module.train()
+    return correct / max(1, len(x))
+
+
+class _Progress:
+    """A rich progress bar on a terminal; one log line per evaluation otherwise."""
+
+    def __init__(self, label: str, total: int, start: int):
+        self.tty = sys.stderr.isatty()
+        self.label, self.total = label, total
+        if self.tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]:.4f}  val acc {task.fields[val]}"),
+                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task(label, total=total, completed=start, loss=float("nan"), val="-")
+
+    def update(self, step: int, loss: float, val: float | None = None):
+        if self.tty:
+            fields = {"loss": loss}
+            if val is not None:
+                fields["val"] = f"{val:.4f}"
+            self.bar.update(self.task, completed=step, **fields)
+        elif val is not None:
+            print(f"{self.label}: step {step}/{self.total} loss {loss:.4f} val acc {val:.4f}", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.tty:
+            self.bar.stop()
+
+
+def train_student(module, x: np.ndarray, y: np.ndarray, teacher_logits: np.ndarray | None,
+                  x_val: np.ndarray, y_val: np.ndarray, cfg: DistillConfig, *, steps: int,
+                  checkpoint: Path, label: str, resume: bool = False, loss_name: str | None = None) -> tuple[object, TrainResult]:
+    """Train module in place on (x, y[, teacher_logits]); returns the best-on-validation module and a summary."""
+    import torch
+
+    device = pick_device(cfg.device)
+    loss_fn = get_loss(loss_name or cfg.loss)
+    module = module.to(device)
+    xt = torch.from_numpy(x).to(device)
+    yt = torch.from_numpy(y).to(device)
+    tt = torch.from_numpy(teacher_logits).to(device) if teacher_logits is not None else None
+    xv, yv = torch.from_numpy(x_val).to(device), torch.from_numpy(y_val).to(device)
+
+    opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(1, int(cfg.warmup_fraction * steps))
+
+    def lr_at(s):  # linear warm-up, then cosine decay to zero
+        return (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    use_amp = cfg.amp and device == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    eval_every = max(1, steps // max(1, cfg.evals))
+
+    step, best_acc, best_step, history, resumed_from = 0, -1.0, 0, [], 0
+    best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    if resume and checkpoint.exists():
+        try:
+            ck = torch.load(checkpoint, map_location=device, weights_only=True)
+            module.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            scaler.load_state_dict(ck["scaler"])
+            step, best_acc, best_step, history = ck["step"], ck["best_acc"], ck["best_step"], ck["history"]
+            best_state = ck["best_model"]
+            resumed_from = step
+        except Exception as exc:
+            raise CompressError(f"checkpoint {checkpoint} cannot be resumed: {str(exc).splitlines()[0][:200]}", hint="rerun with --force to start over") from None
+        if ck.get("total_steps") != steps:
+            raise CompressError(f"checkpoint {checkpoint} was made for {ck.get('total_steps')} steps, not {steps}", hint="rerun with the same settings, or --force to start over")
+
+    def save_checkpoint():
+        torch_save({"model": module.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "scaler": scaler.state_dict(), "step": step, "total_steps": steps, "best_acc": best_acc,
+                    "best_step": best_step, "best_model": best_state, "history": history}, checkpoint)
+
+    module.train()
+    progress = _Progress(label, steps, step)
+    t0 = time.perf_counter()
+    loss_value = float("nan")
+    try:
+        while step < steps:
+            idx = torch.from_numpy(_batch_indices(step, len(x), cfg.batch_size, cfg.seed)).to(device)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+                out = module(xt[idx])
+                loss = loss_fn(out.float(), tt[idx] if tt is not None else None, yt[idx], cfg)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise CompressError(
+                    f"{label}: the loss became {loss_value} at step {step}; the last good checkpoint is kept at {checkpoint}",
+                    hint="lower --lr, check the data for extreme values, or turn off --amp", kind="runtime")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.clip_grad_norm:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.clip_grad_norm)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            step += 1
+            if step % eval_every == 0 or step == steps:
+                acc = _accuracy(module, xv, yv, device)
+                history.append({"step": step, "loss": loss_value, "val_accuracy": acc})
+                if acc >= best_acc:  # ties go to the later, longer-trained weights
+                    best_acc, best_step = acc, step
+                    best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                save_checkpoint()
+                progress.update(step, loss_value, acc)
+            elif step % 20 == 0:
+                progress.update(step, loss_value)
+    except KeyboardInterrupt:
+        save_checkpoint()
+        raise
+    finally:
+        progress.close()
+    module.load_state_dict(best_state)
+    module.eval()
+    return module.cpu(), TrainResult(best_acc, best_step, steps, time.perf_counter() - t0, history, resumed_from)

@@ -1,0 +1,170 @@
+"""The run directory and its manifest: inputs with their hashes, configs, and each stage's status,
+so a stage can run alone, a finished stage is skipped, and an interrupted one can resume."""
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from ._io import ensure_dir, sha256_file, sha256_json, write_json
+from .config import CompressConfig
+from .errors import CompressError
+
+MANIFEST = "manifest.json"
+STAGES = ("distill", "export", "quantize", "bench", "report")
+DEMO_TEACHER = Path(__file__).parent / "assets" / "demo_teacher.pt"
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def _data_fingerprint(source: str) -> str:
+    p = Path(source)
+    if source == "mnist1d" or not p.exists():
+        return sha256_json(source)
+    if p.is_file():
+        return sha256_file(p)
+    files = sorted((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in p.rglob("*") if f.is_file())
+    return sha256_json(files)
+
+
+class Run:
+    """A run directory: manifest.json plus every artifact, addressed by paths relative to it."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.dir, self.manifest = path, manifest
+
+    # -- creation and loading -------------------------------------------------------------
+    @classmethod
+    def create(cls, path: Path | None, cfg: CompressConfig) -> "Run":
+        """Open or start the run directory for a full configuration."""
+        path = ensure_dir(path or default_run_dir())
+        if cfg.teacher is None:
+            if cfg.data.source != "mnist1d":
+                raise CompressError("--data needs --teacher", hint="the built-in demo teacher only fits the built-in 'mnist1d' data")
+            cfg.teacher = str(DEMO_TEACHER)
+        teacher = Path(cfg.teacher)
+        if not teacher.is_file():
+            raise CompressError(f"teacher {teacher} does not exist" if not teacher.exists() else f"teacher {teacher} is not a file")
+        inputs = {
+            "teacher": {"path": str(teacher.resolve()), "sha256": sha256_file(teacher)},
+            "data": {"source": cfg.data.source, "fingerprint": _data_fingerprint(cfg.data.source)},
+        }
+        cfg.teacher = str(teacher.resolve())
+        old = cls._read(path) if (path / MANIFEST).exists() else None
+        manifest = {
+            "manifest_version": 1, "tool_version": __version__,
+            "created": old["created"] if old else now(), "updated": now(),
+            "command": sys.argv[:], "config": cfg.to_dict(), "inputs": inputs,
+            "stages": old["stages"] if old else {},
+        }
+        run = cls(path, manifest)
+        run.save()
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Run":
+        """An existing run directory, as written by an earlier stage."""
+        path = Path(path)
+        if not (path / MANIFEST).is_file():
+            raise CompressError(f"{path} is not a run directory (no {MANIFEST})", hint="run 'compress distill' or 'compress' with --out first")
+        return cls(path, cls._read(path))
+
+    @staticmethod
+    def _read(path: Path) -> dict:
+        try:
+            m = json.loads((path / MANIFEST).read_text())
+            assert isinstance(m, dict) and m.get("manifest_version") == 1 and "config" in m
+            return m
+        except (OSError, ValueError, AssertionError):
+            raise CompressError(f"{path / MANIFEST} is unreadable or not a manifest of this tool", hint="start a fresh run with another --out") from None
+
+    def save(self) -> None:
+        self.manifest["updated"] = now()
+        write_json(self.dir / MANIFEST, self.manifest)
+
+    # -- configuration and inputs ------------------------------------------------------------
+    @functools.cached_property
+    def config(self) -> CompressConfig:
+        return CompressConfig.from_dict(self.manifest["config"])
+
+    def set_stage_config(self, stage: str, stage_cfg) -> None:
+        self.manifest["config"][stage] = stage_cfg.to_dict()
+        self.__dict__.pop("config", None)
+
+    def path(self, rel: str) -> Path:
+        return self.dir / rel
+
+    @functools.cached_property
+    def target(self) -> dict:
+        from .targets import get_target
+
+        return get_target(self.config.target)
+
+    @functools.cached_property
+    def teacher(self):
+        from .models import load_teacher
+
+        cfg = self.config
+        recorded = self.manifest["inputs"]["teacher"]
+        if Path(cfg.teacher).is_file() and sha256_file(cfg.teacher) != recorded["sha256"]:
+            raise CompressError(f"teacher {cfg.teacher} changed since this run started", hint="rerun the whole pipeline, or use a new --out")
+        return load_teacher(cfg.teacher, cfg.teacher_arch, cfg.trust)
+
+    @functools.cached_property
+    def data(self):
+        from .data import check_classes, load_data
+
+        ds = load_data(self.config.data, teacher_input_shape=self.teacher.input_shape, cache_dir=self.dir / "cache")
+        return ds
+
+    def check_data_fits_teacher(self, teacher_logits_sample) -> None:
+        from .data import check_classes
+
+        check_classes(self.data, teacher_logits_sample.shape[1])
+
+    # -- stage bookkeeping -----------------------------------------------------------------------
+    def fingerprint(self, stage: str) -> str:
+        """What a stage's outputs depend on: its config, the inputs, and the stages before it."""
+        cfg = self.manifest["config"]
+        parts = {"stage": stage, "inputs": self.manifest["inputs"], "target": cfg["target"]}
+        for s in STAGES[: STAGES.index(stage) + 1]:
+            parts[s] = cfg.get(s, {}) if s != "distill" else {"distill": cfg["distill"], "data": cfg["data"], "teacher_arch": cfg["teacher_arch"]}
+        return sha256_json(parts)
+
+    def is_done(self, stage: str) -> bool:
+        st = self.manifest["stages"].get(stage)
+        return bool(st and st.get("status") == "done" and st.get("fingerprint") == self.fingerprint(stage)
+                    and all(self.path(p).exists() for p in st.get("outputs", {}).values()))
+
+    def stage(self, stage: str) -> dict:
+        st = self.manifest["stages"].get(stage)
+        if not st or st.get("status") != "done":
+            raise CompressError(f"stage '{stage}' has not finished in {self.dir}", hint=f"run 'compress {stage} {self.dir}' first")
+        return st
+
+    def begin(self, stage: str) -> None:
+        self.manifest["stages"][stage] = {"status": "running", "started": now(), "fingerprint": self.fingerprint(stage)}
+        # a stage that reruns makes every later stage stale
+        for later in STAGES[STAGES.index(stage) + 1:]:
+            if later in self.manifest["stages"]:
+                self.manifest["stages"][later]["status"] = "stale"
+        self.save()
+
+    def finish(self, stage: str, outputs: dict, result: dict) -> None:
+        st = self.manifest["stages"][stage]
+        st.update(status="done", finished=now(), outputs=outputs, result=result)
+        self.save()
+
+    def fail(self, stage: str, status: str, message: str) -> None:
+        st = self.manifest["stages"].setdefault(stage, {})
+        st.update(status=status, finished=now(), error=message)
+        self.save()

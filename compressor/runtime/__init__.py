@@ -1,0 +1,90 @@
+"""Runners with one interface: activate, infer a batch, describe, deactivate (Polygraphy's split)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class Runner:
+    """Base runner: subclasses set name/format/runtime and implement activate() and infer()."""
+
+    format = "pytorch"
+    runtime = "torch"
+    device = "cpu"
+
+    def __init__(self, threads: int = 1):
+        self.threads = threads
+
+    def activate(self) -> "Runner":
+        return self
+
+    def infer(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def deactivate(self) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {"format": self.format, "runtime": self.runtime, "device": self.device, "threads": self.threads}
+
+    def __enter__(self):
+        return self.activate()
+
+    def __exit__(self, *exc):
+        self.deactivate()
+
+
+class TorchRunner(Runner):
+    """A torch module (eager, TorchScript or an exported program's module) on the CPU."""
+
+    def __init__(self, module, threads: int = 1):
+        super().__init__(threads)
+        self.module = module
+
+    def activate(self):
+        import torch
+
+        torch.set_num_threads(self.threads)
+        self.module.eval()
+        self._torch = torch
+        return self
+
+    def infer(self, x):
+        with self._torch.inference_mode():
+            y = self.module(self._torch.from_numpy(x))
+        if isinstance(y, (tuple, list)):
+            y = y[0]
+        return y.numpy()
+
+
+class OnnxRuntimeRunner(Runner):
+    """An ONNX model through ONNX Runtime's CPU execution provider, with a fixed thread count."""
+
+    format = "onnx"
+    runtime = "onnxruntime"
+
+    def __init__(self, path: str | Path, threads: int = 1, providers: list[str] | None = None):
+        super().__init__(threads)
+        self.path, self.providers = Path(path), providers or ["CPUExecutionProvider"]
+
+    def activate(self):
+        from ..export.onnx_io import make_session
+
+        self.session = make_session(self.path, self.threads, self.providers)
+        self.input_name = self.session.get_inputs()[0].name
+        return self
+
+    def infer(self, x):
+        return self.session.run(None, {self.input_name: x})[0]
+
+    def deactivate(self):
+        self.session = None
+
+    def describe(self):
+        return {**super().describe(), "provider": self.providers[0]}
+
+
+def infer_batched(runner: Runner, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Run every row of x through the runner in batches; returns float32 outputs."""
+    return np.concatenate([np.asarray(runner.infer(np.ascontiguousarray(x[i:i + batch_size])), np.float32) for i in range(0, len(x), batch_size)])
