@@ -33,7 +33,7 @@ def distill(cfg: CompressConfig, out: str | Path | None = None, *, force: bool =
     import torch
 
     from .data import stratified_split
-    from .distill.trainer import budget_steps, train_student
+    from .distill.trainer import budget_steps, pick_device, train_student
     from .models import build_student
 
     run = Run.create(Path(out) if out else None, cfg)
@@ -57,7 +57,8 @@ def distill(cfg: CompressConfig, out: str | Path | None = None, *, force: bool =
         pool_logits = np.load(cache)
     else:
         _say(f"distill: running the teacher ({teacher.format}) on {len(ds.x)} training rows")
-        pool_logits = teacher.logits(ds.x)
+        pool_logits = teacher.to(pick_device(dcfg.device)).logits(ds.x)
+        teacher.to("cpu")
         from ._io import atomic_path, write_text
 
         with atomic_path(cache) as tmp:

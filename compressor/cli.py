@@ -22,10 +22,16 @@ class _DefaultToRun(click.Group):
     """`compress --teacher ...` means `compress run --teacher ...`: the pipeline is the default command."""
 
     def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
-            args = ["run", *args]
-        elif not args:
-            args = ["run"]
+        # group flags (--debug, --quiet) may come first: `compress --debug --teacher ...`, `compress -q targets`
+        flags = {o for p in self.params if getattr(p, "is_flag", False) for o in p.opts}
+        i = 0
+        while i < len(args) and args[i] in flags:
+            i += 1
+        head, rest = args[:i], args[i:]
+        if rest and rest[0] not in self.commands and rest[0] not in ("--help", "-h", "--version"):
+            args = [*head, "run", *rest]
+        elif not rest:
+            args = [*head, "run"]
         return super().parse_args(ctx, args)
 
 
@@ -250,14 +256,20 @@ def targets_cmd(name):
     from rich.console import Console
     from rich.table import Table
 
+    profiles = list_targets()
     table = Table()
-    for h in ("name", "aliases", "kind", "runtime", "int8 recipe", "description"):
+    # the names are what users type: never wrap or cut them, whatever the width
+    table.add_column("name", no_wrap=True, min_width=max(len(p["name"]) for p in profiles))
+    for h in ("aliases", "kind", "runtime", "int8 recipe", "description"):
         table.add_column(h)
-    for p in list_targets():
+    for p in profiles:
         rt = p["runtime"]
         table.add_row(p["name"], ", ".join(p.get("aliases", [])), p["kind"], f"{rt['name']} {rt.get('version', '')}".strip(),
                       p["quantization"]["int8_recipe"], p["description"])
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # piped: as wide as print_table's, so rows are not cut to 80 columns
+    console.print(table)
 
 
 def _resume_command() -> str:

@@ -87,13 +87,13 @@ def build_report(run, models: list[dict]) -> dict:
     return validate_report(rep)
 
 
-def _table_rows(rep: dict) -> list[list[str]]:
+def _table_rows(rep: dict, runtime: bool = True) -> list[list[str]]:
     teacher = next((m for m in rep["models"] if m["role"] == "teacher"), rep["models"][0])
     rows = []
     for m in rep["models"]:
         lat = m["latency_ms"]
         rows.append([
-            m["name"], f"{m['format']} {m['precision']}", m["runtime"], f"{m['accuracy'] * 100:.2f}",
+            m["name"], f"{m['format']} {m['precision']}", *([m["runtime"]] if runtime else []), f"{m['accuracy'] * 100:.2f}",
             f"{m['agreement'] * 100:.2f}", f"{lat['p50']:.3f}", f"{lat['p99']:.3f}",
             f"{m['params']:,}", f"{m['size_bytes'] / 1024:.1f}", f"{teacher['latency_ms']['p50'] / lat['p50']:.2f}x" if lat["p50"] else "-",
         ])
@@ -143,11 +143,14 @@ def print_table(rep: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    if console is None:
+        console = Console(stderr=False)
+        if not console.is_terminal:
+            console = Console(width=120)
     table = Table(title=f"target {rep['target']['name']}", caption=rep["target"]["latency_note"])
-    for i, h in enumerate(HEADERS):
-        table.add_column(h, justify="left" if i < 3 else "right")
-    for r in _table_rows(rep):
+    for i, h in enumerate(["model", "format", "acc %", "agree %", "p50 ms", "p99 ms", "params", "KiB", "vs teacher"]):
+        table.add_column(h, justify="left" if i < 2 else "right")
+    for r in _table_rows(rep, runtime=False):
         table.add_row(*r)
     console.print(table)
     for n in rep.get("notes", [])[1:]:

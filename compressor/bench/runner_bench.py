@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import BenchConfig
-from ..runtime import OnnxRuntimeRunner, Runner, TorchRunner, infer_batched
+from ..runtime import OnnxRuntimeRunner, Runner, TeacherRunner, TorchRunner, infer_batched
 from .latency import measure
 
 
@@ -46,7 +46,7 @@ def bench_models(run, cfg: BenchConfig) -> list[dict]:
     threads = cfg.threads
     distill = run.stage("distill")
     student_params = distill["result"]["params"]
-    t_runner = OnnxRuntimeRunner(teacher.path, threads) if teacher.session is not None else TorchRunner(teacher.module, threads)
+    t_runner = TeacherRunner(teacher, threads)
     teacher_row, teacher_pred = _one("teacher", "teacher", "fp32", t_runner, teacher.path, teacher.num_params() or 0, run, cfg, None)
     rows = [teacher_row]
 

@@ -1,11 +1,13 @@
 """The built-in data: mnist1d, generated offline (its get_dataset() would download)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
-from .._io import atomic_path
+from .._io import atomic_path, ensure_dir
+from ..errors import CompressError
 from ..config import DataConfig
 
 
@@ -23,14 +25,30 @@ def generate(samples: int, seed: int = 42) -> dict:
     }
 
 
+def user_cache_dir() -> Path:
+    """Where generated data is kept between runs ($COMPRESSOR_CACHE, else $XDG_CACHE_HOME/compressor)."""
+    if os.environ.get("COMPRESSOR_CACHE"):
+        return Path(os.environ["COMPRESSOR_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "compressor"
+
+
 def load_mnist1d(cfg: DataConfig, cache_dir: Path | None):
     from . import Dataset
 
+    # The data is a pure function of its size, so one copy in the user's cache serves every run.
+    try:
+        cache_dir = ensure_dir(user_cache_dir())
+    except CompressError:
+        pass  # an unwritable home: keep the copy in the run directory instead
     cache = cache_dir / f"mnist1d-{cfg.mnist1d_samples}.npz" if cache_dir else None
+    d = None
     if cache is not None and cache.exists():
-        with np.load(cache) as z:
-            d = {k: z[k] for k in z.files}
-    else:
+        try:
+            with np.load(cache) as z:
+                d = {k: z[k] for k in ("x", "y", "x_test", "y_test")}
+        except Exception:
+            d = None  # a damaged cache is regenerated, never trusted
+    if d is None:
         d = generate(cfg.mnist1d_samples)
         if cache is not None:
             with atomic_path(cache) as tmp:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pickle
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +24,24 @@ class Teacher:
     module: object | None = None  # torch.nn.Module-like callable
     session: object | None = None  # onnxruntime.InferenceSession for ONNX teachers
     input_shape: tuple | None = None  # declared input shape when the format records one
-    extra: dict = field(default_factory=dict)
+    device: str = "cpu"  # where a white-box teacher runs (see to())
+
+    def to(self, device: str) -> "Teacher":
+        """Run a white-box teacher on `device` (e.g. 'cuda' for the pool logits); ONNX teachers stay on ONNX Runtime."""
+        if self.module is not None and device != self.device and hasattr(self.module, "to"):
+            self.module = self.module.to(device)
+            self.device = device
+        return self
 
     @property
     def white_box(self) -> bool:
         return self.module is not None
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the teacher was exported with, when it only accepts that one."""
+        b = self.input_shape[0] if self.input_shape else None
+        return b if isinstance(b, int) and b > 0 else None
 
     @property
     def runtime(self) -> str:
@@ -36,9 +49,17 @@ class Teacher:
 
     def logits(self, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """Teacher outputs (N, classes) as float32 for the rows of x."""
+        fixed = self.fixed_batch
+        if fixed:  # exported with a static batch size: run in chunks of exactly that size, padding the last
+            batch_size = fixed
         outs = []
         for i in range(0, len(x), batch_size):
-            outs.append(self._run(x[i:i + batch_size]))
+            xb = x[i:i + batch_size]
+            if fixed and len(xb) < fixed:
+                pad = np.repeat(xb[-1:], fixed - len(xb), axis=0)
+                outs.append(self._run(np.concatenate([xb, pad]))[: len(xb)])
+            else:
+                outs.append(self._run(xb))
         out = np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
         if out.ndim != 2:
             raise CompressError(f"teacher {self.path.name} returns shape {out.shape[1:]} per row; expected a vector of class scores")
@@ -51,8 +72,8 @@ class Teacher:
                 return np.asarray(self.session.run(None, {name: xb})[0], np.float32)
             import torch
 
-            with torch.inference_mode():
-                y = self.module(torch.from_numpy(np.ascontiguousarray(xb)))
+            with torch.inference_mode(), torch.autocast("cuda", enabled=self.device == "cuda"):
+                y = self.module(torch.from_numpy(np.ascontiguousarray(xb)).to(self.device))
             if isinstance(y, (tuple, list)):
                 y = y[0]
             return y.float().cpu().numpy()

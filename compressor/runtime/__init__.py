@@ -45,10 +45,14 @@ class TorchRunner(Runner):
     def activate(self):
         import torch
 
+        self._saved_threads = torch.get_num_threads()  # restored in deactivate(): no lasting side effect on the caller
         torch.set_num_threads(self.threads)
         self.module.eval()
         self._torch = torch
         return self
+
+    def deactivate(self):
+        self._torch.set_num_threads(self._saved_threads)
 
     def infer(self, x):
         with self._torch.inference_mode():
@@ -83,6 +87,34 @@ class OnnxRuntimeRunner(Runner):
 
     def describe(self):
         return {**super().describe(), "provider": self.providers[0]}
+
+
+class TeacherRunner(Runner):
+    """A loaded Teacher through its own logits(), so teachers exported with a fixed batch size run too."""
+
+    def __init__(self, teacher, threads: int = 1):
+        super().__init__(threads)
+        self.teacher = teacher
+        self.format = "onnx" if teacher.session is not None else "pytorch"
+        self.runtime = teacher.runtime
+        self._inner = OnnxRuntimeRunner(teacher.path, threads) if teacher.session is not None else TorchRunner(teacher.module, threads)
+
+    def activate(self):
+        self._inner.activate()
+        if self.teacher.session is not None:
+            self._saved, self.teacher.session = self.teacher.session, self._inner.session  # the thread-pinned session
+        return self
+
+    def infer(self, x):
+        return self.teacher.logits(x, batch_size=max(1, len(x)))
+
+    def deactivate(self):
+        if self.teacher.session is not None:
+            self.teacher.session = self._saved
+        self._inner.deactivate()
+
+    def describe(self):
+        return {**self._inner.describe(), "fixed_batch": self.teacher.fixed_batch}
 
 
 def infer_batched(runner: Runner, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
