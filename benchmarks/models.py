@@ -45,28 +45,36 @@ def student() -> nn.Module:
     return SmallSignalCNN()
 
 
-def train_teacher(x, y, *, epochs: int = 60, batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> nn.Module:
-    """Train SignalCNN on labeled rows (x float32 N×L, y int64) with AdamW + one-cycle; deterministic for a seed."""
+def fit(model: nn.Module, x, y, *, epochs: int, batch_size: int = 64, lr: float = 3e-3, seed: int = 0, pct_start: float = 0.05) -> nn.Module:
+    """Train a classifier on labeled rows with AdamW + one-cycle and a seeded batch order; returns it in eval mode."""
     import numpy as np
 
-    torch.manual_seed(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    model = SignalCNN(x.shape[1], int(y.max()) + 1, mean=float(x.mean()), std=float(x.std()))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
     per_epoch = (len(x) + batch_size - 1) // batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * per_epoch, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * per_epoch, pct_start=pct_start)
     rng = np.random.default_rng(seed)
     model.train()
     for _ in range(epochs):
         perm = torch.from_numpy(rng.permutation(len(x)))
         for i in range(0, len(x), batch_size):
             idx = perm[i:i + batch_size]
+            if len(idx) < 2:  # BatchNorm cannot train on a single row
+                sched.step()
+                continue
             loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
     return model.eval()
+
+
+def train_teacher(x, y, *, epochs: int = 60, batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> nn.Module:
+    """Train SignalCNN on labeled rows (x float32 N×L, y int64); deterministic for a seed."""
+    torch.manual_seed(seed)
+    model = SignalCNN(x.shape[1], int(y.max()) + 1, mean=float(x.mean()), std=float(x.std()))
+    return fit(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
 
 
 class _ResBlock(nn.Module):
@@ -101,27 +109,7 @@ class ImageResNet(nn.Module):
 
 
 def train_image_teacher(x, y, *, epochs: int = 15, batch_size: int = 64, lr: float = 3e-3, seed: int = 0, width: int = 24) -> nn.Module:
-    """Train ImageResNet on labeled images (x float32 N×C×H×W, y int64) with AdamW + one-cycle; deterministic for a seed."""
-    import numpy as np
-
+    """Train ImageResNet on labeled images (x float32 N×C×H×W, y int64); deterministic for a seed."""
     torch.manual_seed(seed)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     model = ImageResNet(x.shape[1], int(y.max()) + 1, width)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
-    per_epoch = (len(x) + batch_size - 1) // batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * per_epoch, pct_start=0.1)
-    rng = np.random.default_rng(seed)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.from_numpy(rng.permutation(len(x)))
-        for i in range(0, len(x), batch_size):
-            idx = perm[i:i + batch_size]
-            if len(idx) < 2:  # BatchNorm cannot train on a single row
-                sched.step()
-                continue
-            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
+    return fit(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, pct_start=0.1)

@@ -85,7 +85,7 @@ def pipeline_options(fn):
         click.option("--channels", type=click.IntRange(1, 3), help="1 (grayscale) or 3 (RGB) for image folders."),
         click.option("--mean", type=str, help="Per-channel mean to subtract after scaling pixels to [0,1], e.g. 0.485,0.456,0.406."),
         click.option("--std", type=str, help="Per-channel std to divide by after --mean."),
-        click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help=f"Passes over the training pool (default {DistillConfig.epochs:g})."),
+        click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help=f"Passes over the training pool (default {DistillConfig.epochs:g}, and at least {DistillConfig.min_steps} steps)."),
         click.option("--steps", type=click.IntRange(min=1), help="Optimiser steps (overrides --epochs)."),
         click.option("--batch-size", type=click.IntRange(min=1), help=f"Training batch size (default {DistillConfig.batch_size})."),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), help=f"Peak learning rate for AdamW (default {DistillConfig.lr:g})."),
@@ -277,6 +277,13 @@ def _resume_command() -> str:
     return "compress " + " ".join(shlex.quote(a) for a in args) + " --resume"
 
 
+def _log_trace(what: str) -> None:
+    """Write the traceback to the run directory's log only (the console shows one line, or --debug's trace)."""
+    for h in log.handlers:
+        if isinstance(h, logging.FileHandler):
+            h.handle(log.makeRecord(log.name, logging.DEBUG, __file__, 0, what, None, sys.exc_info()))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning our errors into one line and a documented exit code."""
     def _term(signum, frame):
@@ -296,17 +303,17 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except KeyboardInterrupt:
-        log.debug("interrupted", exc_info=True)
+        _log_trace("interrupted")
         click.echo(f"\ninterrupted; progress is saved. Resume with: {_resume_command()}", err=True)
         return EXIT_INTERRUPTED
     except CompressError as exc:
-        log.debug("error", exc_info=True)
+        _log_trace("error")
         if debug:
             traceback.print_exc()
         click.echo(f"error: {exc}", err=True)
         return exc.exit_code
     except Exception as exc:  # a bug: keep the trace in the log, show one line unless --debug
-        log.debug("internal error", exc_info=True)
+        _log_trace("internal error")
         if debug:
             traceback.print_exc()
         click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback; please report it)", err=True)

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import functools
-import json
 import tomllib
 from pathlib import Path
 
+from . import schemas
 from .errors import CompressError, did_you_mean
 
 _PKG = Path(__file__).parent
@@ -17,15 +17,8 @@ def _profiles_dir() -> Path:
     return packaged if packaged.is_dir() else _PKG.parent / "targets"
 
 
-@functools.lru_cache(maxsize=1)
-def _schema() -> dict:
-    return json.loads((_PKG / "schemas" / "target.schema.json").read_text())
-
-
 def load_profile(path: str | Path) -> dict:
     """Read and validate one profile file."""
-    import jsonschema
-
     path = Path(path)
     try:
         profile = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -33,11 +26,13 @@ def load_profile(path: str | Path) -> dict:
         raise CompressError(f"target profile {path} does not exist") from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise CompressError(f"target profile {path} is not valid TOML: {exc}") from None
-    errors = sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(profile), key=lambda e: list(e.path))
-    if errors:
-        e = errors[0]
-        where = "/".join(map(str, e.path)) or "(top level)"
-        raise CompressError(f"target profile {path} is invalid at {where}: {e.message}")
+    schemas.validate(profile, "target", f"target profile {path}")
+    from .export.quantize import list_recipes
+
+    recipe = profile["quantization"]["int8_recipe"]
+    if recipe not in list_recipes():
+        raise CompressError(f"target profile {path}: unknown int8_recipe '{recipe}'.{did_you_mean(recipe, list_recipes())}",
+                            hint=f"choose one of {', '.join(list_recipes())}")
     return profile
 
 

@@ -41,8 +41,13 @@ def describe_host() -> dict:
             gpu = torch.cuda.get_device_name(0)
     except Exception:
         pass
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        load = None
     return {
         "hostname": platform.node(),
+        "load_average_1m": load,
         "os": f"{platform.system()} {platform.release()}",
         "machine": platform.machine(),
         "cpu": model,

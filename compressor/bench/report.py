@@ -1,32 +1,16 @@
 """report.json (the public contract, validated by a shipped JSON Schema), report.md and the terminal table."""
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
-from .. import __version__
+from .. import __version__, schemas
 from ..errors import CompressError
 from .host import describe_host
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "report.schema.json"
-
-
-@functools.lru_cache(maxsize=1)
-def schema() -> dict:
-    return json.loads(SCHEMA_PATH.read_text())
-
-
 def validate_report(rep: dict, where: str = "report") -> dict:
     """Raise CompressError naming the first place where rep breaks the report schema."""
-    import jsonschema
-
-    errors = sorted(jsonschema.Draft202012Validator(schema()).iter_errors(rep), key=lambda e: list(e.absolute_path))
-    if errors:
-        e = errors[0]
-        at = "/".join(map(str, e.absolute_path)) or "(top level)"
-        raise CompressError(f"{where} is not a valid report (schema version 1) at {at}: {e.message[:200]}")
-    return rep
+    return schemas.validate(rep, "report", f"{where} (report schema version 1)")
 
 
 def load_report(path: str | Path) -> dict:
@@ -60,6 +44,9 @@ def build_report(run, models: list[dict]) -> dict:
     if int8 and fp32 and int8["latency_ms"]["p50"] > fp32["latency_ms"]["p50"]:
         notes.append(f"INT8 ({quant['recipe']}) is slower than FP32 on this host for this model "
                      f"({int8['latency_ms']['p50']:.3f} vs {fp32['latency_ms']['p50']:.3f} ms p50): ship FP32 for this CPU.")
+    if host.get("load_average_1m") and host["cpu_count"] and host["load_average_1m"] > host["cpu_count"]:
+        notes.append(f"The machine was busy while benchmarking (load average {host['load_average_1m']} on {host['cpu_count']} cores): "
+                     "latencies are likely inflated; rerun 'compress bench RUN --force' on a quiet machine.")
     if any(m["latency_ms"].get("noisy") for m in models):
         notes.append("Some latency measurements were noisy (coefficient of variation above 15%); rerun 'compress bench' on a quiet machine.")
     rep = {

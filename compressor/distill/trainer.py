@@ -39,10 +39,10 @@ def pick_device(name: str) -> str:
 
 
 def budget_steps(cfg: DistillConfig, pool_rows: int) -> int:
-    """Optimiser steps for a run: cfg.steps, or cfg.epochs passes over the pool."""
+    """Optimiser steps for a run: cfg.steps, or cfg.epochs passes over the pool but at least cfg.min_steps."""
     if cfg.steps is not None:
         return int(cfg.steps)
-    return max(1, math.ceil(cfg.epochs * pool_rows / cfg.batch_size))
+    return max(cfg.min_steps, math.ceil(cfg.epochs * pool_rows / cfg.batch_size))
 
 
 def _batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
