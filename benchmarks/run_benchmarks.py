@@ -31,8 +31,9 @@ def _configs(seed: int, **distill):
                           bench=BenchConfig(min_runs=300, min_duration_s=1.0))
 
 
-def _labels_only(run_dir: Path, batch_size: int, seed: int) -> float:
-    """Best-on-validation labels-only student with another batch size and the same number of steps."""
+def train_variant(run_dir: Path, loss: str, steps: int | None = None, seed: int = 0, **overrides) -> float:
+    """Held-out accuracy of the run's student retrained with another loss ('kd' or 'labels') or settings, by the
+    same trainer on the same split (labels-only uses the labeled training rows, KD the whole pool)."""
     import dataclasses
 
     import torch
@@ -43,17 +44,28 @@ def _labels_only(run_dir: Path, batch_size: int, seed: int) -> float:
     from compressor.run import Run
 
     run = Run.open(run_dir)
-    ds, cfg = run.data, run.config.distill
+    ds, cfg = run.data, dataclasses.replace(run.config.distill, **overrides)
     res = run.manifest["stages"]["distill"]["result"]
     keep, val = stratified_split(ds.y, cfg.val_fraction, cfg.seed)
-    rows = np.setdiff1d(np.flatnonzero(ds.y >= 0), val)
+    rows = np.setdiff1d(np.arange(len(ds.y)), val)
+    teacher = None
+    if loss == "labels":
+        rows = rows[ds.y[rows] >= 0]
+    else:
+        teacher = np.load(run.path("cache/teacher_pool_logits.npy"))[rows]
     torch.manual_seed(seed)
     module = load_student(res["student_record"], input_shape=ds.input_shape, num_classes=res["num_classes"])
-    module, _ = train_student(module, ds.x[rows], ds.y[rows], None, ds.x[val], ds.y[val], dataclasses.replace(cfg, batch_size=batch_size),
-                              steps=res["student"]["steps"], checkpoint=run_dir / "checkpoints" / f"labels-bs{batch_size}.ckpt",
-                              label=f"labels-only bs{batch_size}", loss_name="labels")
+    tag = "-".join(f"{k}{v}" for k, v in sorted(overrides.items()))
+    module, _ = train_student(module, ds.x[rows], ds.y[rows], teacher, ds.x[val], ds.y[val], cfg,
+                              steps=steps or res["student"]["steps"], checkpoint=run_dir / "checkpoints" / f"variant-{loss}-{tag}.ckpt",
+                              label=f"{loss} {tag}", loss_name=loss)
     with torch.inference_mode():
         return float((module(torch.from_numpy(ds.x_test)).argmax(1).numpy() == ds.y_test).mean())
+
+
+def _labels_only(run_dir: Path, batch_size: int, seed: int) -> float:
+    """Best-on-validation labels-only student with another batch size and the same number of steps."""
+    return train_variant(run_dir, "labels", seed=seed, batch_size=batch_size)
 
 
 def table(seeds: list[int], work: Path) -> dict:

@@ -107,7 +107,8 @@ def render_markdown(rep: dict) -> str:
     ]
     lines += ["| " + " | ".join(r) + " |" for r in _table_rows(rep)]
     lat = rep["models"][0]["latency_ms"]
-    lines += ["", f"Latency: batch {rep['models'][0].get('batch_size', 1)}, {rep['models'][0].get('threads', '?')} threads, "
+    threads = rep["models"][0].get("threads", "?")
+    lines += ["", f"Latency: batch {rep['models'][0].get('batch_size', 1)}, {threads} thread{'' if threads == 1 else 's'}, "
               f"p50/p99 over ≥{lat.get('runs', '?')} runs after warm-up."]
     checks = rep.get("checks", {})
     if "export" in checks:
