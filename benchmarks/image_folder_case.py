@@ -183,7 +183,7 @@ def main() -> None:
                   f"({len(yt)} held-out images, so one image is {100 / len(yt):.2f} points); validation accuracy during training "
                   f"{rep['checks']['distill']['student']['val_accuracy'] * 100:.2f}% (KD) vs "
                   f"{rep['checks']['distill']['baseline']['val_accuracy'] * 100:.2f}% (labels only)."]
-    lines += [f"", *[f"Note: {n}" for n in rep.get("notes", [])[1:]]] if rep.get("notes", [])[1:] else []
+    lines += ["", *[f"Note: {n}" for n in rep.get("notes", [])[1:]]] if rep.get("notes", [])[1:] else []
     text = "\n".join(lines) + "\n"
     write_text(args.results, text)
     print("\n" + text)

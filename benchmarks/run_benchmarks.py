@@ -139,7 +139,6 @@ def sweep(work: Path, out: Path) -> str:
     """Distillation recipes on seed 0: temperature, alpha, schedule length."""
     from compressor.api import distill
     from compressor.models import load_student
-    from compressor.run import Run
 
     import torch
 

@@ -18,6 +18,8 @@ def _os_error(exc: OSError, path: Path) -> CompressError:
         return CompressError(f"disk full while writing {path}", hint="free some space and rerun with --resume", kind="runtime")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return CompressError(f"cannot write {path}: permission denied", hint="choose another --out directory")
+    if exc.errno == errno.ENOTDIR:
+        return CompressError(f"cannot write {path}: a folder on its path is a file", hint="choose another --out directory")
     return CompressError(f"cannot write {path}: {exc.strerror or exc}", kind="runtime")
 
 
@@ -30,6 +32,8 @@ def ensure_dir(path: str | os.PathLike) -> Path:
         raise CompressError(f"{p} exists and is not a directory", hint="choose another --out directory") from None
     except OSError as exc:
         raise _os_error(exc, p) from None
+    if not p.is_dir():
+        raise CompressError(f"{p} exists and is not a directory", hint="choose another --out directory")
     if not os.access(p, os.W_OK):
         raise CompressError(f"cannot write to {p}: permission denied", hint="choose another --out directory")
     return p
@@ -77,7 +81,65 @@ def torch_save(obj, path: str | os.PathLike) -> None:
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        # through a Python file object: a full disk then raises OSError(ENOSPC), which atomic_path reports,
+        # where torch's own file writer raises an opaque RuntimeError
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+
+
+def safe_extract(tar_path: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:
+    """Extract a tarball into dest, refusing any member that would land outside it; returns the files written.
+
+    Refused: absolute names, '..' components, links whose target leaves dest, device files and FIFOs.
+    Python's tarfile 'data' filter (3.12, backported to 3.8.17+/3.11.4+) is applied as well where present."""
+    import tarfile
+
+    tar_path, root = Path(tar_path), Path(dest)
+    root = ensure_dir(root).resolve()
+
+    def refuse(name: str, why: str) -> CompressError:
+        return CompressError(f"{tar_path}: member {name!r} {why}; refusing to extract", hint="the archive may be malicious; rebuild it with relative paths only")
+
+    try:
+        tar = tarfile.open(tar_path, "r:*")
+    except FileNotFoundError:
+        raise CompressError(f"{tar_path} does not exist") from None
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise CompressError(f"{tar_path} is not a readable tar archive: {exc}") from None
+    written = []
+    try:
+        with tar:
+            members = tar.getmembers()
+            for m in members:
+                name = m.name
+                parts = Path(name.replace("\\", "/")).parts
+                if name.startswith(("/", "\\")) or os.path.isabs(name) or (len(name) > 1 and name[1] == ":"):
+                    raise refuse(name, "has an absolute path")
+                if ".." in parts:
+                    raise refuse(name, "has a '..' component")
+                target = (root / name).resolve()
+                if not target.is_relative_to(root):
+                    raise refuse(name, "would be written outside the destination")
+                if m.isdev() or m.isfifo() or not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
+                    raise refuse(name, "is a device file or other special file")
+                if m.issym() or m.islnk():
+                    link = m.linkname
+                    if os.path.isabs(link) or link.startswith(("/", "\\")):
+                        raise refuse(name, f"links to the absolute path {link!r}")
+                    base = target.parent if m.issym() else root
+                    if not (base / link).resolve().is_relative_to(root):
+                        raise refuse(name, f"links outside the destination ({link!r})")
+            kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            try:
+                tar.extractall(root, members=members, **kwargs)
+            except getattr(tarfile, "FilterError", tarfile.TarError) as exc:  # the stdlib filter caught what our checks did not
+                raise CompressError(f"{tar_path}: {exc}; refusing to extract") from None
+            written = [root / m.name for m in members if m.isfile()]
+    except (tarfile.TarError, EOFError) as exc:
+        raise CompressError(f"{tar_path} is a damaged tar archive: {exc}") from None
+    except OSError as exc:
+        raise _os_error(exc, root) from None
+    return written
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

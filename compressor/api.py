@@ -30,19 +30,25 @@ def _skip(run: Run, stage: str, force: bool) -> bool:
 # ---------------------------------------------------------------------------------------------
 def distill(cfg: CompressConfig, out: str | Path | None = None, *, force: bool = False, resume: bool = False) -> Run:
     """Train the student from the teacher (and the labels-only baseline when cfg.distill.baseline)."""
-    import torch
-
-    from .data import stratified_split
-    from .distill.trainer import budget_steps, pick_device, train_student
-    from .models import build_student
-
     run = Run.create(Path(out) if out else None, cfg)
     if _skip(run, "distill", force):
         return run
     prev = run.manifest["stages"].get("distill", {})
     if resume and prev.get("fingerprint") not in (None, run.fingerprint("distill")):
         raise CompressError("--resume: the inputs or settings differ from the interrupted run", hint="rerun with the original command, or --force to start over")
-    run.begin("distill")
+    with run.running("distill"):
+        outputs, results = _distill(run, resume)
+    run.finish("distill", outputs, results)
+    return run
+
+
+def _distill(run: Run, resume: bool) -> tuple[dict, dict]:
+    import torch
+
+    from .data import stratified_split
+    from .distill.trainer import budget_steps, pick_device, train_student
+    from .models import build_student
+
     dcfg = run.config.distill
     teacher, ds = run.teacher, run.data
     probe = teacher.logits(ds.x[:2])
@@ -57,8 +63,12 @@ def distill(cfg: CompressConfig, out: str | Path | None = None, *, force: bool =
         pool_logits = np.load(cache)
     else:
         _say(f"distill: running the teacher ({teacher.format}) on {len(ds.x)} training rows")
-        pool_logits = teacher.to(pick_device(dcfg.device)).logits(ds.x)
+        pool_logits = teacher.to(pick_device(dcfg.device)).logits(ds.x, batch_size=4 * dcfg.batch_size)
         teacher.to("cpu")
+        bad = ~np.isfinite(pool_logits).all(axis=1)
+        if bad.any():
+            raise CompressError(f"the teacher returns NaN or Inf for {int(bad.sum())} of {len(bad)} training rows (first: row {int(np.argmax(bad))})",
+                                hint="check the data's scale and preprocessing: it should match what the teacher was trained on")
         from ._io import atomic_path, write_text
 
         with atomic_path(cache) as tmp:
@@ -70,7 +80,7 @@ def distill(cfg: CompressConfig, out: str | Path | None = None, *, force: bool =
     labeled = np.flatnonzero(ds.y >= 0)
     keep, val = stratified_split(ds.y, dcfg.val_fraction, dcfg.seed)
     if len(val) == 0:
-        raise CompressError("too few labeled rows to carve out a validation split", hint="label more rows or lower --val-fraction")
+        raise CompressError("too few labeled rows to carve out a validation split", hint="label more rows (each class needs at least 2 labeled rows)")
     train_rows = np.setdiff1d(np.arange(len(ds.y)), val)
     x_val, y_val = ds.x[val], ds.y[val]
     steps = budget_steps(dcfg, len(train_rows))
@@ -84,28 +94,20 @@ def distill(cfg: CompressConfig, out: str | Path | None = None, *, force: bool =
     jobs = [("student", "kd", train_rows, pool_logits[train_rows])]
     if dcfg.baseline:
         jobs.append(("baseline", "labels", np.intersect1d(train_rows, labeled), None))
-    try:
-        for name, loss, rows, tlogits in jobs:
-            torch.manual_seed(dcfg.seed)
-            module, _ = build_student(dcfg.student, ds.input_shape, num_classes, teacher_params)
-            _say(f"distill: training {name} ({loss}) for {steps} steps on {len(rows)} rows")
-            module, res = train_student(module, ds.x[rows], ds.y[rows], tlogits, x_val, y_val, dcfg, steps=steps,
-                                        checkpoint=ckdir / f"{name}.ckpt", label=name, resume=resume, loss_name=loss)
-            torch_save(module.state_dict(), run.path(f"{name}.pt"))
-            outputs[name] = f"{name}.pt"
-            results[name] = {"loss": loss, "val_accuracy": res.best_val_accuracy, "best_step": res.best_step, "steps": res.steps,
-                             "seconds": round(res.seconds, 2), "resumed_from_step": res.resumed_from, "train_rows": int(len(rows)),
-                             "history": res.history}
-    except KeyboardInterrupt:
-        run.fail("distill", "interrupted", "interrupted by the user")
-        raise
-    except CompressError as exc:
-        run.fail("distill", "failed", str(exc))
-        raise
+    for name, loss, rows, tlogits in jobs:
+        torch.manual_seed(dcfg.seed)
+        module, _ = build_student(dcfg.student, ds.input_shape, num_classes, teacher_params)
+        _say(f"distill: training {name} ({loss}) for {steps} steps on {len(rows)} rows")
+        module, res = train_student(module, ds.x[rows], ds.y[rows], tlogits, x_val, y_val, dcfg, steps=steps,
+                                    checkpoint=ckdir / f"{name}.ckpt", label=name, resume=resume, loss_name=loss)
+        torch_save(module.state_dict(), run.path(f"{name}.pt"))
+        outputs[name] = f"{name}.pt"
+        results[name] = {"loss": loss, "val_accuracy": res.best_val_accuracy, "best_step": res.best_step, "steps": res.steps,
+                         "seconds": round(res.seconds, 2), "resumed_from_step": res.resumed_from, "train_rows": int(len(rows)),
+                         "history": res.history}
     results.update(student_record=record, num_classes=num_classes, val_rows=int(len(val)), params=int(sum(p.numel() for p in student.parameters())),
                    teacher_params=teacher_params, teacher_format=teacher.format, data=ds.summary())
-    run.finish("distill", outputs, results)
-    return run
+    return outputs, results
 
 
 def _check_student_output(student, x: np.ndarray, num_classes: int, spec) -> None:
@@ -144,8 +146,7 @@ def export(run_dir: str | Path, config: ExportConfig | None = None, *, force: bo
     if _skip(run, "export", force):
         return run
     cfg = run.config.export
-    run.begin("export")
-    try:
+    with run.running("export"):
         student = _load_trained(run, "student")
         opset = cfg.opset or run.target["runtime"]["onnx_opset"]
         x = run.data.x_test[: cfg.check_rows]
@@ -163,9 +164,6 @@ def export(run_dir: str | Path, config: ExportConfig | None = None, *, force: bo
                 f"ONNX export differs from PyTorch: max abs diff {check['max_abs_diff']:.2e} (tolerance {cfg.atol:.0e}), "
                 f"argmax agreement {check['agreement']:.4f} (needs {cfg.min_agreement})",
                 hint="an operation exports with different semantics; try another --opset", kind="runtime")
-    except CompressError as exc:
-        run.fail("export", "failed", str(exc))
-        raise
     run.finish("export", {"onnx_fp32": "student.onnx"}, {"check": check})
     _say(f"export: student.onnx (opset {opset}), max abs diff {check['max_abs_diff']:.2e}, agreement {check['agreement']:.4f}")
     return run
@@ -186,7 +184,6 @@ def quantize(run_dir: str | Path, config: QuantizeConfig | None = None, *, force
         return run
     cfg = run.config.quantize
     fp32 = run.path(run.stage("export")["outputs"]["onnx_fp32"])
-    run.begin("quantize")
     ds = run.data
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(ds.x))
@@ -202,7 +199,7 @@ def quantize(run_dir: str | Path, config: QuantizeConfig | None = None, *, force
     for c in candidates:
         get_recipe(c)
     out = run.path("student.int8.onnx")
-    try:
+    with run.running("quantize"):
         fp32_sess = make_session(fp32, threads=1)
         ref = run_session(fp32_sess, check_rows)
         one = check_rows[:1]
@@ -225,9 +222,6 @@ def quantize(run_dir: str | Path, config: QuantizeConfig | None = None, *, force
             os.replace(chosen["path"], out)
         for t in trials:
             t.pop("path")
-    except CompressError as exc:
-        run.fail("quantize", "failed", str(exc))
-        raise
     result = {"recipe": chosen["recipe"], "description": get_recipe(chosen["recipe"]).description, "requested": recipe_name,
               "calibration_rows": int(len(calib)), "calibrate_method": cfg.calibrate_method, "per_channel": cfg.per_channel,
               "agreement_with_fp32": chosen["agreement_with_fp32"], "fp32_p50_ms_1thread": fp32_ms, "trials": trials}
@@ -248,14 +242,10 @@ def bench(run_dir: str | Path, config: BenchConfig | None = None, *, force: bool
     if _skip(run, "bench", force):
         return load_report(run.path("report.json"))
     cfg = run.config.bench
-    run.begin("bench")
-    try:
+    with run.running("bench"):
         models = bench_models(run, cfg)
         rep = build_report(run, models)
         write_json(run.path("report.json"), rep)
-    except CompressError as exc:
-        run.fail("bench", "failed", str(exc))
-        raise
     run.finish("bench", {"report": "report.json"}, {"models": len(models)})
     return rep
 

@@ -2,6 +2,7 @@
 so a stage can run alone, a finished stage is skipped, and an interrupted one can resume."""
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import json
@@ -121,10 +122,9 @@ class Run:
 
     @functools.cached_property
     def data(self):
-        from .data import check_classes, load_data
+        from .data import load_data
 
-        ds = load_data(self.config.data, teacher_input_shape=self.teacher.input_shape, cache_dir=self.dir / "cache")
-        return ds
+        return load_data(self.config.data, teacher_input_shape=self.teacher.input_shape, cache_dir=self.dir / "cache")
 
     def check_data_fits_teacher(self, teacher_logits_sample) -> None:
         from .data import check_classes
@@ -158,6 +158,19 @@ class Run:
             if later in self.manifest["stages"]:
                 self.manifest["stages"][later]["status"] = "stale"
         self.save()
+
+    @contextlib.contextmanager
+    def running(self, stage: str):
+        """Mark a stage running; on an error or an interrupt record it as failed/interrupted, then re-raise."""
+        self.begin(stage)
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.fail(stage, "interrupted", "interrupted by the user")
+            raise
+        except CompressError as exc:
+            self.fail(stage, "failed", str(exc))
+            raise
 
     def finish(self, stage: str, outputs: dict, result: dict) -> None:
         st = self.manifest["stages"][stage]

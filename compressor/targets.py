@@ -26,6 +26,8 @@ def load_profile(path: str | Path) -> dict:
         raise CompressError(f"target profile {path} does not exist") from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise CompressError(f"target profile {path} is not valid TOML: {exc}") from None
+    except OSError as exc:  # a folder, no permission, ...
+        raise CompressError(f"target profile {path} cannot be read: {exc.strerror or exc}") from None
     schemas.validate(profile, "target", f"target profile {path}")
     from .export.quantize import list_recipes
 

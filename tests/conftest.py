@@ -179,3 +179,50 @@ def run_cli(*args, timeout: float = 300, env: dict | None = None, cwd: Path | No
 
     return subprocess.run([sys.executable, "-m", "compressor.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+# --- fuzzing: how many inputs the loaders were fed, reported at the end of the run -------------------
+FUZZ_COUNTS: dict[str, int] = {}
+FUZZ_SECONDS: dict[str, float] = {}
+
+
+def fuzz_count(kind: str, n: int = 1) -> None:
+    FUZZ_COUNTS[kind] = FUZZ_COUNTS.get(kind, 0) + n
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FUZZ_COUNTS:
+        total = sum(FUZZ_COUNTS.values())
+        parts = ", ".join(f"{k} {v}" for k, v in sorted(FUZZ_COUNTS.items()))
+        secs = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(FUZZ_SECONDS.items()))
+        terminalreporter.write_line(f"fuzz: {total} inputs tried ({parts}){'; ' + secs if secs else ''}")
+        out = os.environ.get("COMPRESSOR_FUZZ_RECORD")
+        if out:
+            import json
+
+            Path(out).write_text(json.dumps({"total": total, "counts": FUZZ_COUNTS, "seconds": FUZZ_SECONDS}, indent=2) + "\n")
+
+
+@pytest.fixture
+def cli(capsys):
+    """Call compressor.cli.main(argv) in this process; returns (exit code, stdout, stderr)."""
+    import logging
+    import signal
+
+    from compressor.cli import main
+
+    old_term = signal.getsignal(signal.SIGTERM)
+    log = logging.getLogger("compressor")
+    old_handlers = list(log.handlers)
+
+    def call(*argv):
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    yield call
+    signal.signal(signal.SIGTERM, old_term)
+    for h in list(log.handlers):
+        if h not in old_handlers:  # the console handler holds capsys' stream; file handlers hold a run's log
+            log.removeHandler(h)
+            h.close()

@@ -3,36 +3,12 @@ the target list, and the pipeline end to end followed by `compress bench` and `c
 from __future__ import annotations
 
 import json
-import logging
-import signal
 import subprocess
 import sys
 
 import pytest
 
 from conftest import run_cli
-
-
-@pytest.fixture
-def cli(capsys):
-    """Call compressor.cli.main(argv) in this process; returns (exit code, stdout, stderr)."""
-    from compressor.cli import main
-
-    old_term = signal.getsignal(signal.SIGTERM)
-    log = logging.getLogger("compressor")
-    old_handlers = list(log.handlers)
-
-    def call(*argv):
-        code = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    yield call
-    signal.signal(signal.SIGTERM, old_term)
-    for h in list(log.handlers):
-        if h not in old_handlers:  # the console handler holds capsys' stream; file handlers hold a run's log
-            log.removeHandler(h)
-            h.close()
 
 
 def _one_error_line(err: str) -> str:

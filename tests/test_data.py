@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from compressor.config import DataConfig
 from compressor.data import check_classes, load_data, stratified_split
 from compressor.errors import CompressError
+from conftest import fuzz_count
 
 
 def _npz(path: Path, **arrays) -> Path:
@@ -167,6 +168,7 @@ def test_corrupted_member_of_npz_is_a_compress_error(tiny, tmp_path):
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(blob=st.binary(max_size=4096))
 def test_arbitrary_bytes_as_npz_raise_only_compress_error(tmp_path, blob):
+    fuzz_count("hypothesis:npz-bytes")
     p = tmp_path / "fuzz.npz"
     p.write_bytes(blob)
     try:
@@ -187,6 +189,7 @@ def npz_blob(tmp_path_factory) -> bytes:
 @given(data=st.data())
 def test_mutated_valid_npz_raises_only_compress_error(tmp_path, npz_blob, data):
     """Random truncations and byte flips of a real .npz: either it still loads, or a CompressError."""
+    fuzz_count("hypothesis:npz-bytes")
     blob = bytearray(npz_blob)
     cut = data.draw(st.integers(0, len(blob)), label="cut")
     flips = data.draw(st.lists(st.tuples(st.integers(0, len(blob) - 1), st.integers(1, 255)), max_size=8), label="flips")

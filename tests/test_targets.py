@@ -2,7 +2,6 @@
 user's own .toml is validated with a clear error."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -1,7 +1,6 @@
 """`.npz` data: x (float, N×…), y (int, N; -1 = unlabeled), optional x_test / y_test."""
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +12,10 @@ from ..errors import CompressError
 def _array(npz, key: str, path: Path, kind: str) -> np.ndarray:
     try:
         a = npz[key]
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise CompressError(f"{path}: array '{key}' cannot be read ({exc})", hint="the file may be truncated or corrupt") from None
+    except Exception as exc:
+        # numpy and zipfile raise many types on damaged files: ValueError, EOFError, BadZipFile, NotImplementedError
+        # (unknown zip version), zlib.error (bad deflate data), tokenize.TokenError (mangled .npy header), MemoryError, ...
+        raise CompressError(f"{path}: array '{key}' cannot be read ({type(exc).__name__}: {exc})", hint="the file may be truncated or corrupt") from None
     if kind == "x":
         if a.dtype.kind not in "fiu" or a.dtype == np.bool_:
             raise CompressError(f"{path}: '{key}' must be a float array, got dtype {a.dtype}")
@@ -33,14 +34,17 @@ def load_npz(path: Path, cfg: DataConfig):
         raise CompressError(f"data {path} is empty")
     try:
         npz = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # any parse failure of a damaged file (see _array)
         raise CompressError(f"data {path} is not a readable .npz file ({type(exc).__name__})", hint="save it with numpy.savez(path, x=..., y=...)") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise CompressError(f"data {path} is a single .npy array, not an .npz with 'x' and 'y'")
     with npz:
         keys = set(npz.files)
         if not {"x", "y"} <= keys:
-            raise CompressError(f"data {path} needs arrays 'x' and 'y'; it has {sorted(keys) or 'none'}")
+            if any(k.endswith(("data.pkl", "constants.pkl", "archive_format")) for k in keys):
+                raise CompressError(f"data {path} is a PyTorch model file, not data", hint="pass the model as --teacher and an .npz with 'x' and 'y' as --data")
+            listed = ", ".join(sorted(keys)[:5]) + (", ..." if len(keys) > 5 else "")
+            raise CompressError(f"data {path} needs arrays 'x' and 'y'; it has {listed or 'none'}")
         x, y = _array(npz, "x", path, "x"), _array(npz, "y", path, "y")
         if ("x_test" in keys) != ("y_test" in keys):
             raise CompressError(f"data {path}: give both 'x_test' and 'y_test' or neither")

@@ -2,6 +2,7 @@
 gradient clipping, seeded batch order, validation-based best checkpoint, resumable checkpoints."""
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -87,7 +88,8 @@ class _Progress:
                 fields["val"] = f"{val:.4f}"
             self.bar.update(self.task, completed=step, **fields)
         elif val is not None:
-            print(f"{self.label}: step {step}/{self.total} loss {loss:.4f} val acc {val:.4f}", file=sys.stderr, flush=True)
+            # through the logger, so --quiet silences it like every other progress line
+            logging.getLogger("compressor").info(f"{self.label}: step {step}/{self.total} loss {loss:.4f} val acc {val:.4f}")
 
     def close(self):
         if self.tty:
@@ -98,6 +100,19 @@ def train_student(module, x: np.ndarray, y: np.ndarray, teacher_logits: np.ndarr
                   x_val: np.ndarray, y_val: np.ndarray, cfg: DistillConfig, *, steps: int,
                   checkpoint: Path, label: str, resume: bool = False, loss_name: str | None = None) -> tuple[object, TrainResult]:
     """Train module in place on (x, y[, teacher_logits]); returns the best-on-validation module and a summary."""
+    import torch
+
+    try:
+        return _train(module, x, y, teacher_logits, x_val, y_val, cfg, steps=steps, checkpoint=checkpoint, label=label,
+                      resume=resume, loss_name=loss_name)
+    except torch.cuda.OutOfMemoryError:
+        raise CompressError(f"{label}: out of GPU memory while training with batch size {cfg.batch_size}",
+                            hint=f"lower --batch-size (e.g. --batch-size {max(1, cfg.batch_size // 2)}) or use --device cpu",
+                            kind="runtime") from None
+
+
+def _train(module, x, y, teacher_logits, x_val, y_val, cfg: DistillConfig, *, steps: int, checkpoint: Path, label: str,
+           resume: bool, loss_name: str | None):
     import torch
 
     device = pick_device(cfg.device)
@@ -136,7 +151,11 @@ def train_student(module, x: np.ndarray, y: np.ndarray, teacher_logits: np.ndarr
         if ck.get("total_steps") != steps:
             raise CompressError(f"checkpoint {checkpoint} was made for {ck.get('total_steps')} steps, not {steps}", hint="rerun with the same settings, or --force to start over")
 
+    ck_step = step if resume and checkpoint.exists() else None
+
     def save_checkpoint():
+        nonlocal ck_step
+        ck_step = step
         torch_save({"model": module.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "scaler": scaler.state_dict(), "step": step, "total_steps": steps, "best_acc": best_acc,
                     "best_step": best_step, "best_model": best_state, "history": history}, checkpoint)
@@ -153,9 +172,11 @@ def train_student(module, x: np.ndarray, y: np.ndarray, teacher_logits: np.ndarr
                 loss = loss_fn(out.float(), tt[idx] if tt is not None else None, yt[idx], cfg)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
+                kept = (f"the last good checkpoint (step {ck_step}) is kept at {checkpoint}" if ck_step is not None and checkpoint.exists()
+                        else "no checkpoint had been written yet")
                 raise CompressError(
-                    f"{label}: the loss became {loss_value} at step {step}; the last good checkpoint is kept at {checkpoint}",
-                    hint="lower --lr, check the data for extreme values, or turn off --amp", kind="runtime")
+                    f"{label}: the loss became {loss_value} at step {step}; training stopped and {kept}",
+                    hint="lower --lr, or check the data for extreme values (scale it to about unit range)", kind="runtime")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.clip_grad_norm:

@@ -55,6 +55,8 @@ def export_onnx(module, sample: np.ndarray, path: Path, opset: int) -> None:
                     opset_version=opset, dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
                     dynamo=False,
                 )
+        except OSError:
+            raise  # a full disk or an unwritable folder: atomic_path says so
         except Exception as exc:
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise CompressError(

@@ -80,7 +80,13 @@ class Teacher:
         except CompressError:
             raise
         except Exception as exc:
-            msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
+                raise CompressError(f"out of GPU memory running the teacher on batches of {len(xb)} rows",
+                                    hint="lower --batch-size (the teacher runs in batches of 4x it) or use --device cpu",
+                                    kind="runtime") from None
+            lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+            # TorchScript wraps the real error: its first line is boilerplate, the cause is on the last one
+            msg = (lines[-1] if lines[0].startswith("The following operation failed") else lines[0])[:300] if lines else type(exc).__name__
             raise CompressError(
                 f"the teacher cannot run on data of shape {tuple(xb.shape[1:])}: {msg}",
                 hint="check that --data matches the teacher's expected input (shape, channels, size)",
@@ -99,12 +105,16 @@ class Teacher:
 
 def _sniff(path: Path) -> str:
     """Guess the format from the bytes: 'torchscript', 'torch.export', 'torch.save', 'onnx' or 'unknown'."""
-    if zipfile.is_zipfile(path):
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except (zipfile.BadZipFile, ValueError):  # is_zipfile itself raises on some damaged end records
+        return "unknown"
+    if is_zip:
         try:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
-        except (zipfile.BadZipFile, OSError):
-            return "unknown"
+        except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError):
+            return "unknown"  # damaged: undecodable member names (UnicodeDecodeError), unknown zip versions, ...
         if any(n.endswith("/archive_format") or n == "archive_format" for n in names):
             return "torch.export"
         if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
@@ -179,7 +189,7 @@ def _load_pickle(p: Path, arch: str | None, trust: bool) -> Teacher:
         if not trust:
             raise CompressError(f"teacher {p} is a whole pickled module, which is refused without --trust", hint=TRUST_HINT) from None
         try:
-            obj = torch.load(str(p), map_location="cpu", weights_only=False)
+            obj = torch.load(str(p), map_location="cpu", weights_only=False)  # trusted: only with --trust
         except Exception as exc2:
             raise CompressError(f"teacher {p} could not be unpickled even with --trust: {type(exc2).__name__}: {exc2}") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
