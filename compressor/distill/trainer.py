@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +98,23 @@ class _Progress:
             self.bar.stop()
 
 
+class _DeferredStop:
+    """Turn SIGINT/SIGTERM into a flag the training loop checks after each step (main thread only)."""
+
+    def __init__(self):
+        self.requested, self._old = False, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._request)
+
+    def _request(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
 def train_student(module, x: np.ndarray, y: np.ndarray, teacher_logits: np.ndarray | None,
                   x_val: np.ndarray, y_val: np.ndarray, cfg: DistillConfig, *, steps: int,
                   checkpoint: Path, label: str, resume: bool = False, loss_name: str | None = None) -> tuple[object, TrainResult]:
@@ -164,6 +183,7 @@ def _train(module, x, y, teacher_logits, x_val, y_val, cfg: DistillConfig, *, st
     progress = _Progress(label, steps, step)
     t0 = time.perf_counter()
     loss_value = float("nan")
+    stop = _DeferredStop()  # Ctrl-C / SIGTERM take effect between steps, so the saved state is never half-updated
     try:
         while step < steps:
             idx = torch.from_numpy(_batch_indices(step, len(x), cfg.batch_size, cfg.seed)).to(device)
@@ -196,10 +216,11 @@ def _train(module, x, y, teacher_logits, x_val, y_val, cfg: DistillConfig, *, st
                 progress.update(step, loss_value, acc)
             elif step % 20 == 0:
                 progress.update(step, loss_value)
-    except KeyboardInterrupt:
-        save_checkpoint()
-        raise
+            if stop.requested:
+                save_checkpoint()
+                raise KeyboardInterrupt
     finally:
+        stop.restore()
         progress.close()
     module.load_state_dict(best_state)
     module.eval()
