@@ -20,6 +20,14 @@ def _say(msg: str) -> None:
     log.info(msg)
 
 
+def _open_stage(run_dir, stage: str, config, force: bool) -> tuple[Run, bool]:
+    """Open a run for one stage with its (optionally changed) config; True when the stage is already done."""
+    run = Run.open(run_dir)
+    if config is not None:
+        run.set_stage_config(stage, config)
+    return run, _skip(run, stage, force)
+
+
 def _skip(run: Run, stage: str, force: bool) -> bool:
     if not force and run.is_done(stage):
         _say(f"{stage}: already done in {run.dir} (use --force to redo)")
@@ -140,10 +148,8 @@ def export(run_dir: str | Path, config: ExportConfig | None = None, *, force: bo
     """Export the trained student to ONNX FP32 and check it numerically against PyTorch."""
     from .export.onnx_io import compare, export_onnx, make_session, run_session
 
-    run = Run.open(run_dir)
-    if config is not None:
-        run.set_stage_config("export", config)
-    if _skip(run, "export", force):
+    run, done = _open_stage(run_dir, "export", config, force)
+    if done:
         return run
     cfg = run.config.export
     with run.running("export"):
@@ -177,10 +183,8 @@ def quantize(run_dir: str | Path, config: QuantizeConfig | None = None, *, force
     from .export.onnx_io import compare, make_session, run_session
     from .export.quantize import AUTO_CANDIDATES, get_recipe, preprocess, quantize_static, scratch_dir
 
-    run = Run.open(run_dir)
-    if config is not None:
-        run.set_stage_config("quantize", config)
-    if _skip(run, "quantize", force):
+    run, done = _open_stage(run_dir, "quantize", config, force)
+    if done:
         return run
     cfg = run.config.quantize
     fp32 = run.path(run.stage("export")["outputs"]["onnx_fp32"])
@@ -236,10 +240,8 @@ def bench(run_dir: str | Path, config: BenchConfig | None = None, *, force: bool
     from .bench.report import build_report, load_report
     from .bench.runner_bench import bench_models
 
-    run = Run.open(run_dir)
-    if config is not None:
-        run.set_stage_config("bench", config)
-    if _skip(run, "bench", force):
+    run, done = _open_stage(run_dir, "bench", config, force)
+    if done:
         return load_report(run.path("report.json"))
     cfg = run.config.bench
     with run.running("bench"):
