@@ -252,14 +252,13 @@ def bench(run_dir: str | Path, config: BenchConfig | None = None, *, force: bool
     return rep
 
 
-def report(run_dir: str | Path, *, html: bool = False) -> dict:
-    """Render report.md (and the terminal table) from the run's report.json."""
+def report(run_dir: str | Path) -> dict:
+    """Render report.md from the run's report.json (validated) and return the report."""
+    from ._io import write_text
     from .bench.report import load_report, render_markdown
 
     run = Run.open(run_dir)
     rep = load_report(run.path("report.json"))
-    from ._io import write_text
-
     write_text(run.path("report.md"), render_markdown(rep))
     run.begin("report")
     run.finish("report", {"markdown": "report.md"}, {})
