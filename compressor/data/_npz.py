@@ -21,7 +21,8 @@ def _array(npz, key: str, path: Path, kind: str) -> np.ndarray:
             raise CompressError(f"{path}: '{key}' must be a float array, got dtype {a.dtype}")
         if a.dtype.kind != "f":
             raise CompressError(f"{path}: '{key}' has integer dtype {a.dtype}; convert it to float32 in the scale the teacher expects")
-        return np.ascontiguousarray(a, dtype=np.float32)
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes Inf, which validate() reports
+            return np.ascontiguousarray(a, dtype=np.float32)
     if a.dtype.kind not in "iu":
         raise CompressError(f"{path}: '{key}' must be an integer array of class indices, got dtype {a.dtype}")
     return np.ascontiguousarray(a, dtype=np.int64)
