@@ -319,3 +319,11 @@ def test_explicit_eval_folder(tmp_path):
     assert ds.heldout_source == "folder" and len(ds.y_test) == 4
     with pytest.raises(CompressError, match="not a folder"):
         load_data(DataConfig(source=str(root), eval_source=str(tmp_path / "missing")))
+
+
+def test_npz_without_heldout_and_without_labels_is_a_clear_error(tmp_path):
+    """Found by the fuzzer: the stratified split used to crash on a pool with no labeled rows."""
+    p = tmp_path / "unlabeled.npz"
+    np.savez(p, x=np.zeros((10, 4), np.float32), y=np.full(10, -1, np.int64))
+    with pytest.raises(CompressError, match="labeled rows"):
+        load_data(DataConfig(source=str(p)))

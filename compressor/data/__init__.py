@@ -101,6 +101,8 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
             n = 0
         held.append(idx[:n])
         keep.append(idx[n:])
+    if not keep:  # no labeled rows at all
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
 
 
