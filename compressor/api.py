@@ -131,18 +131,6 @@ def _check_student_output(student, x: np.ndarray, num_classes: int, spec) -> Non
         raise CompressError(f"the student ({spec or 'default'}) returns {shape}; expected (batch, {num_classes}) class scores like the teacher")
 
 
-def _load_trained(run: Run, name: str):
-    import torch
-
-    from .models import load_student
-
-    st = run.stage("distill")
-    rec = st["result"]["student_record"]
-    module = load_student(rec, input_shape=run.data.input_shape, num_classes=st["result"]["num_classes"])
-    module.load_state_dict(torch.load(run.path(f"{name}.pt"), map_location="cpu", weights_only=True))
-    return module.eval()
-
-
 # ---------------------------------------------------------------------------------------------
 def export(run_dir: str | Path, config: ExportConfig | None = None, *, force: bool = False) -> Run:
     """Export the trained student to ONNX FP32 and check it numerically against PyTorch."""
@@ -153,7 +141,7 @@ def export(run_dir: str | Path, config: ExportConfig | None = None, *, force: bo
         return run
     cfg = run.config.export
     with run.running("export"):
-        student = _load_trained(run, "student")
+        student = run.load_trained("student")
         opset = cfg.opset or run.target["runtime"]["onnx_opset"]
         x = run.data.x_test[: cfg.check_rows]
         out = run.path("student.onnx")

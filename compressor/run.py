@@ -126,6 +126,17 @@ class Run:
 
         return load_data(self.config.data, teacher_input_shape=self.teacher.input_shape, cache_dir=self.dir / "cache")
 
+    def load_trained(self, name: str):
+        """The trained student (or baseline) module saved by the distill stage, in eval mode."""
+        import torch
+
+        from .models import load_student
+
+        res = self.stage("distill")["result"]
+        module = load_student(res["student_record"], input_shape=self.data.input_shape, num_classes=res["num_classes"])
+        module.load_state_dict(torch.load(self.path(f"{name}.pt"), map_location="cpu", weights_only=True))
+        return module.eval()
+
     def check_data_fits_teacher(self, teacher_logits_sample) -> None:
         from .data import check_classes
 

@@ -40,8 +40,6 @@ def _one(name: str, role: str, precision: str, runner: Runner, path: Path, param
 
 def bench_models(run, cfg: BenchConfig) -> list[dict]:
     """Bench the teacher, the student (PyTorch, ONNX FP32, ONNX INT8) and the baseline when trained."""
-    from ..api import _load_trained
-
     teacher = run.teacher
     threads = cfg.threads
     distill = run.stage("distill")
@@ -53,10 +51,10 @@ def bench_models(run, cfg: BenchConfig) -> list[dict]:
     def add(*args):
         rows.append(_one(*args, run, cfg, teacher_pred)[0])
 
-    add("student", "student", "fp32", TorchRunner(_load_trained(run, "student"), threads), run.path("student.pt"),
+    add("student", "student", "fp32", TorchRunner(run.load_trained("student"), threads), run.path("student.pt"),
         student_params)
     if "baseline" in distill["outputs"]:
-        add("baseline (labels only)", "baseline", "fp32", TorchRunner(_load_trained(run, "baseline"), threads),
+        add("baseline (labels only)", "baseline", "fp32", TorchRunner(run.load_trained("baseline"), threads),
             run.path("baseline.pt"), student_params)
     fp32 = run.path(run.stage("export")["outputs"]["onnx_fp32"])
     add("student onnx fp32", "student", "fp32", OnnxRuntimeRunner(fp32, threads), fp32, student_params)
