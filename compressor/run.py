@@ -163,12 +163,21 @@ class Run:
         return st
 
     def begin(self, stage: str) -> None:
+        self.remove_stale_temporaries()
         self.manifest["stages"][stage] = {"status": "running", "started": now(), "fingerprint": self.fingerprint(stage)}
         # a stage that reruns makes every later stage stale
         for later in STAGES[STAGES.index(stage) + 1:]:
             if later in self.manifest["stages"]:
                 self.manifest["stages"][later]["status"] = "stale"
         self.save()
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete half-written files (``.NAME.XXXX.tmp``) left by a process that was killed (SIGKILL, power loss)
+        before it could rename or remove them. The finished artifacts they were meant to replace are untouched."""
+        stale = [p for p in self.dir.rglob(".*.tmp") if p.is_file()]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return stale
 
     @contextlib.contextmanager
     def running(self, stage: str):

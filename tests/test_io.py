@@ -101,3 +101,17 @@ def test_sha256_file(tmp_path):
     f = tmp_path / "a"
     f.write_bytes(b"abc" * 1000)
     assert sha256_file(f, chunk=7) == hashlib.sha256(b"abc" * 1000).hexdigest()
+
+
+def test_a_stage_start_removes_temporaries_left_by_a_killed_process(tmp_path):
+    from compressor.config import CompressConfig
+    from compressor.run import Run
+
+    run = Run.create(tmp_path / "run", CompressConfig())
+    (run.dir / "checkpoints").mkdir()
+    stale = run.dir / "checkpoints" / ".student.ckpt.abc123.tmp"
+    stale.write_bytes(b"half")
+    kept = run.dir / "checkpoints" / "student.ckpt"
+    kept.write_bytes(b"whole")
+    run.begin("distill")
+    assert not stale.exists() and kept.read_bytes() == b"whole"

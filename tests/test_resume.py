@@ -56,9 +56,11 @@ def test_interrupt_then_resume_matches_uninterrupted(tmp_path, sig, env, referen
         assert proc.returncode == 130, err
         assert "--resume" in err and "Traceback" not in err
     assert not (out / "student.pt").exists()
-    assert not [p for p in out.rglob("*.tmp")], "a temporary file was left behind"
+    if sig != signal.SIGKILL:  # a killed process cannot clean up; the next run of a stage does
+        assert not [p for p in out.rglob("*.tmp")], "a temporary file was left behind"
 
     subprocess.run(_cmd(out, ["--resume"]), check=True, env=env, capture_output=True, timeout=600)
+    assert not [p for p in out.rglob("*.tmp")], "a temporary file was left behind after the resumed run"
     a = reference
     b = torch.load(out / "student.pt", weights_only=True)
     assert a.keys() == b.keys()
