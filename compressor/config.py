@@ -67,9 +67,28 @@ class DistillConfig(_Config):
     """How the student is trained from the teacher (and the labels-only baseline, if asked)."""
 
     student: str | None = None  # "file.py:factory" | "pkg.mod:factory" | None for the default student
-    loss: str = "kd"
+    loss: str = "kd"  # a registered loss: kd | dkd | dist | labels (see compressor.distill.losses)
     temperature: float = 4.0  # chosen in benchmarks/results/kd_sweep.md
     alpha: float = 0.5  # weight of the soft-target term on labeled rows; unlabeled rows use it alone
+    logit_standardize: bool = False  # kd/dkd: z-score each row's logits before the temperature (Sun et al. 2024)
+    dkd_alpha: float = 1.0  # dkd: weight of the target-class term (TCKD)
+    dkd_beta: float = 8.0  # dkd: weight of the non-target term (NCKD)
+    dist_beta: float = 1.0  # dist: weight of the inter-class (per-row) relation term
+    dist_gamma: float = 1.0  # dist: weight of the intra-class (per-class, across the batch) relation term
+    hint: str | None = None  # "student.layer=teacher.layer": also match these activations through a learned projection
+    hint_weight: float = 1.0
+    augment: str = "none"  # none | auto | signal | image: same augmented view for teacher and student (function matching)
+    mixup: float = 0.0  # Beta(a, a) mixup across all pool rows (0 = off); with mixup the teacher's outputs are the only target
+    cutmix: float = 0.0  # Beta(a, a) cutmix (0 = off); one of mixup/cutmix is drawn per batch when both are on
+    teacher_output: str = "logits"  # what the teacher answers: logits | probs | topk:K | label (black-box teachers)
+    query_budget: int | None = None  # cap on teacher calls (rows); spent in rounds on the rows the student is least sure of
+    query_rounds: int = 4
+    query_strategy: str = "margin"  # margin | entropy: how the next round's rows are picked
+    search: int = 0  # trials of a hyper-parameter search on the validation split (0 = off)
+    search_steps: int | None = None  # steps per search trial (default: a quarter of the full budget)
+    nproc_per_node: int = 1  # >1: DistributedDataParallel over this many local processes (torchrun)
+    compile: bool = False  # torch.compile the student (CUDA)
+    amp_dtype: str = "bf16"  # bf16 | fp16 for mixed precision on CUDA
     steps: int | None = None  # optimiser steps; default: max(epochs over the pool, min_steps)
     epochs: float = 60.0  # used when steps is None
     min_steps: int = 3000  # short schedules are where KD loses to labels alone (small pools need this floor)
