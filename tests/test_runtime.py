@@ -51,22 +51,3 @@ def test_measure_honours_minimum_runs_and_duration():
     assert time.perf_counter() - t0 >= 0.05 and r["runs"] > 1
     r = measure(lambda: time.sleep(0.002), warmup_ms=0, warmup_runs=0, min_runs=5, min_duration_s=0.0)
     assert r["p50"] >= 2.0 and r["runs"] == 5
-
-
-def test_kd_loss():
-    from compressor.distill.losses import get_loss, kd
-
-    cfg = DistillConfig(temperature=2.0, alpha=0.5)
-    t = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.1, 3.0]])
-    unlabeled = torch.tensor([-1, -1])
-    # the student equal to the teacher: the KD term vanishes on unlabeled rows
-    assert float(kd(t.clone(), t, unlabeled, cfg)) == pytest.approx(0.0, abs=1e-6)
-    worse = torch.zeros_like(t)
-    assert float(kd(worse, t, unlabeled, cfg)) > 0
-    # on labeled rows with alpha 0 it is plain cross-entropy
-    labels = torch.tensor([0, 2])
-    ce = torch.nn.functional.cross_entropy(worse, labels)
-    assert float(kd(worse, t, labels, DistillConfig(alpha=0.0))) == pytest.approx(float(ce))
-    assert get_loss("kd") is kd
-    with pytest.raises(CompressError, match="Did you mean 'kd'"):
-        get_loss("kdd")
