@@ -39,10 +39,22 @@ def ensure_dir(path: str | os.PathLike) -> Path:
     return p
 
 
+def is_writer() -> bool:
+    """False in every process of a distributed (torchrun) job but rank 0: only rank 0 writes files."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`."""
+    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
+
+    In a distributed job's other ranks the content goes to a private scratch file that is thrown away,
+    so every stage can run unchanged on every rank while only rank 0 touches the run directory."""
     final = Path(path)
+    if not is_writer():
+        with tempfile.TemporaryDirectory(prefix="compressor-rank") as scratch:
+            yield Path(scratch) / final.name
+        return
     ensure_dir(final.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)

@@ -44,6 +44,13 @@ def distill(cfg: CompressConfig, out: str | Path | None = None, *, force: bool =
     prev = run.manifest["stages"].get("distill", {})
     if resume and prev.get("fingerprint") not in (None, run.fingerprint("distill")):
         raise CompressError("--resume: the inputs or settings differ from the interrupted run", hint="rerun with the original command, or --force to start over")
+    from .distill.trainer import _dist_info
+
+    if run.config.distill.nproc_per_node > 1 and _dist_info()[1] == 1:
+        from .distill.ddp import launch
+
+        launch(run.dir, run.config.distill.nproc_per_node, resume)
+        return Run.open(run.dir)
     with run.running("distill"):
         outputs, results = _distill(run, resume)
     run.finish("distill", outputs, results)
@@ -54,7 +61,7 @@ def _distill(run: Run, resume: bool) -> tuple[dict, dict]:
     import torch
 
     from .data import stratified_split
-    from .distill.trainer import budget_steps, pick_device, train_student
+    from .distill.trainer import budget_steps, train_student
     from .models import build_student
 
     dcfg = run.config.distill
@@ -63,26 +70,10 @@ def _distill(run: Run, resume: bool) -> tuple[dict, dict]:
     run.check_data_fits_teacher(probe)
     num_classes = probe.shape[1]
 
-    # Teacher outputs for the whole pool, computed once and cached in the run directory.
-    cache = run.path("cache/teacher_pool_logits.npy")
-    key = run.fingerprint("distill")
-    key_file = cache.with_suffix(".key")
-    if cache.exists() and key_file.exists() and key_file.read_text() == key:
-        pool_logits = np.load(cache)
-    else:
-        _say(f"distill: running the teacher ({teacher.format}) on {len(ds.x)} training rows")
-        pool_logits = teacher.to(pick_device(dcfg.device)).logits(ds.x, batch_size=4 * dcfg.batch_size)
-        teacher.to("cpu")
-        bad = ~np.isfinite(pool_logits).all(axis=1)
-        if bad.any():
-            raise CompressError(f"the teacher returns NaN or Inf for {int(bad.sum())} of {len(bad)} training rows (first: row {int(np.argmax(bad))})",
-                                hint="check the data's scale and preprocessing: it should match what the teacher was trained on")
-        from ._io import atomic_path, write_text
-
-        with atomic_path(cache) as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, pool_logits)
-        write_text(key_file, key)
+    # Function matching and hints need the teacher on every (augmented) batch; otherwise its outputs for the
+    # whole pool are computed once, cached in the run directory and memory-mapped by later runs and --resume.
+    online = _teacher_online(dcfg)
+    pool_logits, teacher_seconds = (None, 0.0) if online else _teacher_pool_logits(run, teacher, ds, dcfg)
 
     # Validation rows come out of the labeled training rows (never the held-out set).
     labeled = np.flatnonzero(ds.y >= 0)
@@ -99,23 +90,94 @@ def _distill(run: Run, resume: bool) -> tuple[dict, dict]:
     student, record = build_student(dcfg.student, ds.input_shape, num_classes, teacher_params)
     _check_student_output(student, ds.x[:2], num_classes, dcfg.student)
     results, outputs = {}, {}
-    jobs = [("student", "kd", train_rows, pool_logits[train_rows])]
+    scfg = dcfg  # the student's settings; with --search, the best trial's (the baseline keeps dcfg's)
+    if dcfg.search > 0:
+        from .distill.search import search_for_distill
+
+        best, results["search"] = search_for_distill(run, dcfg, teacher, ds, train_rows, x_val, y_val, pool_logits,
+                                                     lambda: build_student(dcfg.student, ds.input_shape, num_classes, teacher_params)[0],
+                                                     full_steps=steps, resume=resume)
+        scfg = dcfg.replace(**best)
+        online = _teacher_online(scfg)
+        if not online and pool_logits is None:
+            pool_logits, teacher_seconds = _teacher_pool_logits(run, teacher, ds, dcfg)
+    jobs = [("student", scfg.loss, train_rows, None if online else pool_logits[train_rows])]
     if dcfg.baseline:
         jobs.append(("baseline", "labels", np.intersect1d(train_rows, labeled), None))
     for name, loss, rows, tlogits in jobs:
         torch.manual_seed(dcfg.seed)
         module, _ = build_student(dcfg.student, ds.input_shape, num_classes, teacher_params)
-        _say(f"distill: training {name} ({loss}) for {steps} steps on {len(rows)} rows")
-        module, res = train_student(module, ds.x[rows], ds.y[rows], tlogits, x_val, y_val, dcfg, steps=steps,
-                                    checkpoint=ckdir / f"{name}.ckpt", label=name, resume=resume, loss_name=loss)
+        kw = {}
+        if online and name == "student":
+            kw = _online_teacher(teacher, module, ds.x[:2], scfg)
+        jcfg = scfg if name == "student" else dcfg.replace(augment="none", mixup=0.0, cutmix=0.0, hint=None)
+        _say(f"distill: training {name} ({loss}{', teacher online' if kw else ''}) for {steps} steps on {len(rows)} rows")
+        module, res = train_student(module, ds.x[rows], ds.y[rows], tlogits, x_val, y_val, jcfg, steps=steps,
+                                    checkpoint=ckdir / f"{name}.ckpt", label=name, resume=resume, loss_name=loss, **kw)
+        if kw.get("hint") is not None:
+            kw["hint"].remove()
+        teacher.to("cpu")
         torch_save(module.state_dict(), run.path(f"{name}.pt"))
         outputs[name] = f"{name}.pt"
         results[name] = {"loss": loss, "val_accuracy": res.best_val_accuracy, "best_step": res.best_step, "steps": res.steps,
-                         "seconds": round(res.seconds, 2), "resumed_from_step": res.resumed_from, "train_rows": int(len(rows)),
-                         "history": res.history}
+                         "seconds": round(res.seconds, 2), "steps_per_second": round(res.steps / max(res.seconds, 1e-9), 2),
+                         "resumed_from_step": res.resumed_from, "train_rows": int(len(rows)), "history": res.history}
+    results["teacher_pass_seconds"] = round(teacher_seconds, 2)
+    results["teacher_online"] = online
     results.update(student_record=record, num_classes=num_classes, val_rows=int(len(val)), params=int(sum(p.numel() for p in student.parameters())),
                    teacher_params=teacher_params, teacher_format=teacher.format, data=ds.summary())
     return outputs, results
+
+
+def _teacher_online(dcfg) -> bool:
+    """Function matching, mixing and hints need the teacher run on every batch (no cached outputs)."""
+    return dcfg.augment != "none" or dcfg.mixup > 0 or dcfg.cutmix > 0 or bool(dcfg.hint)
+
+
+def _teacher_pool_logits(run: Run, teacher, ds, dcfg) -> tuple[np.ndarray, float]:
+    """The teacher's outputs for every pool row: from the run's cache when its key matches, else computed and cached."""
+    import time
+
+    from ._io import atomic_path, write_text
+    from .distill.trainer import pick_device
+
+    cache = run.path("cache/teacher_pool_logits.npy")
+    key = run.fingerprint("distill")
+    key_file = cache.with_suffix(".key")
+    if cache.exists() and key_file.exists() and key_file.read_text() == key:
+        return np.load(cache, mmap_mode="r"), 0.0
+    _say(f"distill: running the teacher ({teacher.format}) on {len(ds.x)} training rows")
+    t0 = time.perf_counter()
+    pool_logits = teacher.to(pick_device(dcfg.device)).logits(ds.x, batch_size=4 * dcfg.batch_size)
+    seconds = time.perf_counter() - t0
+    teacher.to("cpu")
+    bad = ~np.isfinite(pool_logits).all(axis=1)
+    if bad.any():
+        raise CompressError(f"the teacher returns NaN or Inf for {int(bad.sum())} of {len(bad)} training rows (first: row {int(np.argmax(bad))})",
+                            hint="check the data's scale and preprocessing: it should match what the teacher was trained on")
+    with atomic_path(cache) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, pool_logits)
+    write_text(key_file, key)
+    return pool_logits, seconds
+
+
+def _online_teacher(teacher, student, sample: np.ndarray, dcfg) -> dict:
+    """train_student's keyword arguments for a teacher run on every batch (and the hint, if asked)."""
+    import torch
+
+    from .distill.trainer import OnlineTeacher, pick_device
+
+    device = pick_device(dcfg.device)
+    teacher.to(device)
+    if teacher.white_box and hasattr(teacher.module, "eval"):
+        teacher.module.eval()
+    kw = {"online_teacher": OnlineTeacher(teacher, device)}
+    if dcfg.hint:
+        from .distill.losses.hint import Hint
+
+        kw["hint"] = Hint(dcfg.hint, student, teacher, torch.from_numpy(sample))
+    return kw
 
 
 def _check_student_output(student, x: np.ndarray, num_classes: int, spec) -> None:

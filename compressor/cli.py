@@ -3,6 +3,7 @@ Heavy libraries (torch, onnxruntime) are imported only when a command runs, so -
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -91,6 +92,18 @@ def pipeline_options(fn):
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), help=f"Peak learning rate for AdamW (default {DistillConfig.lr:g})."),
         click.option("--temperature", "-T", type=click.FloatRange(min=0, min_open=True), help=f"Softmax temperature of the KD term (default {DistillConfig.temperature:g})."),
         click.option("--alpha", type=click.FloatRange(0, 1), help=f"Weight of the KD term on labeled rows (default {DistillConfig.alpha:g})."),
+        click.option("--loss", type=str, help=f"Distillation loss: kd (Hinton), dkd (decoupled KD), dist (DIST, Pearson relations) or labels (no teacher) (default {DistillConfig.loss})."),
+        click.option("--logit-standardize/--no-logit-standardize", default=None, help="kd/dkd: z-score each row's logits before the temperature (default off)."),
+        click.option("--search", type=click.IntRange(min=0), help="Try N settings of loss, temperature, alpha, logit standardization, lr and augment (Optuna TPE; trial 0 is your own), each trained briefly and scored on the validation split; then train the student with the best (default 0: off)."),
+        click.option("--search-steps", type=click.IntRange(min=1), help="Steps per search trial (default: a quarter of the full budget, at least 200)."),
+        click.option("--augment", type=click.Choice(["none", "auto", "signal", "image", "image-noflip"]), help="Function matching: teacher and student see the same augmented view (auto: by the data's shape; default none)."),
+        click.option("--mixup", type=click.FloatRange(min=0), help="Beta(a,a) mixup across pool rows, teacher outputs on the blend as the target (0 = off)."),
+        click.option("--cutmix", type=click.FloatRange(min=0), help="Beta(a,a) cutmix for images (0 = off)."),
+        click.option("--hint", type=str, help="STUDENT_LAYER=TEACHER_LAYER: also match these activations (eager teachers only, e.g. a state dict with --teacher-arch)."),
+        click.option("--hint-weight", type=click.FloatRange(min=0), help=f"Weight of the hint term (default {DistillConfig.hint_weight:g})."),
+        click.option("--nproc-per-node", type=click.IntRange(min=1), help="Train with DistributedDataParallel over this many local processes (torchrun; gloo on CPU, NCCL on GPUs)."),
+        click.option("--amp-dtype", type=click.Choice(["bf16", "fp16"]), help="Mixed-precision type on CUDA (default bf16)."),
+        click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the student (CUDA only)."),
         click.option("--baseline/--no-baseline", default=None, help="Also train the student on labels alone with the same budget (default: on for the built-in example)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (default auto: CUDA when present)."),
         click.option("--seed", type=int, help="Seed for splits, initialisation and batch order (default 0)."),
@@ -108,6 +121,13 @@ def _config_from(kw: dict) -> CompressConfig:
     baseline = kw["baseline"] if kw["baseline"] is not None else kw["teacher"] is None
     distill = DistillConfig().replace(student=kw["student"], epochs=kw["epochs"], steps=kw["steps"], batch_size=kw["batch_size"], lr=kw["lr"],
                                       temperature=kw["temperature"], alpha=kw["alpha"], baseline=baseline, device=kw["device"], seed=kw["seed"])
+    distill = distill.replace(augment=kw["augment"], mixup=kw["mixup"], cutmix=kw["cutmix"], hint=kw["hint"], hint_weight=kw["hint_weight"],
+                              nproc_per_node=kw["nproc_per_node"], amp_dtype=kw["amp_dtype"], compile=kw["compile_"])
+    if kw["loss"] is not None:
+        from .distill.losses import get_loss
+
+        get_loss(kw["loss"])  # a typo fails here, with a did-you-mean, before any training
+    distill = distill.replace(loss=kw["loss"], logit_standardize=kw["logit_standardize"], search=kw["search"], search_steps=kw["search_steps"])
     return CompressConfig(teacher=kw["teacher"], teacher_arch=kw["teacher_arch"], trust=kw["trust"], target=kw["target"], data=data, distill=distill)
 
 
@@ -162,6 +182,21 @@ def distill_cmd(**kw):
     _log_to_after_create(out)
     run = distill(_config_from(kw), out, force=kw["force"], resume=kw["resume"])
     click.echo(f"student: {run.dir / 'student.pt'}")
+
+
+@cli.command("distill-worker", hidden=True)
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--resume", is_flag=True)
+def distill_worker_cmd(run_dir, resume):
+    """One process of a --nproc-per-node job (started by torchrun): the distill stage of an existing run."""
+    from .api import distill
+    from .run import Run
+
+    if os.environ.get("RANK", "0") != "0":
+        _setup_logging(quiet=True, debug=False)  # one voice: rank 0 speaks for the job
+    else:
+        _log_to(run_dir)
+    distill(Run.open(run_dir).config, run_dir, resume=resume)
 
 
 def _default_out() -> Path:
