@@ -65,6 +65,10 @@ def _distill(run: Run, resume: bool) -> tuple[dict, dict]:
     from .models import build_student
 
     dcfg = run.config.distill
+    from .distill import blackbox
+
+    if blackbox.wanted(dcfg, run.config.teacher):  # a budget, non-logits answers, or a callable/command teacher
+        return blackbox.distill_blackbox(run, resume)
     teacher, ds = run.teacher, run.data
     probe = teacher.logits(ds.x[:2])
     run.check_data_fits_teacher(probe)
@@ -86,8 +90,10 @@ def _distill(run: Run, resume: bool) -> tuple[dict, dict]:
     ckdir = run.path("checkpoints")
     teacher_params = teacher.num_params()
 
+    # 'teacher:…' students are cut from the teacher; token-id data sizes the built-in student's embedding
+    student_ctx = {"teacher": teacher, "vocab_size": _vocab_size(teacher, ds) if ds.token_ids else None}
     torch.manual_seed(dcfg.seed)
-    student, record = build_student(dcfg.student, ds.input_shape, num_classes, teacher_params)
+    student, record = build_student(dcfg.student, ds.input_shape, num_classes, teacher_params, **student_ctx)
     _check_student_output(student, ds.x[:2], num_classes, dcfg.student)
     results, outputs = {}, {}
     scfg = dcfg  # the student's settings; with --search, the best trial's (the baseline keeps dcfg's)
@@ -95,7 +101,7 @@ def _distill(run: Run, resume: bool) -> tuple[dict, dict]:
         from .distill.search import search_for_distill
 
         best, results["search"] = search_for_distill(run, dcfg, teacher, ds, train_rows, x_val, y_val, pool_logits,
-                                                     lambda: build_student(dcfg.student, ds.input_shape, num_classes, teacher_params)[0],
+                                                     lambda: build_student(dcfg.student, ds.input_shape, num_classes, teacher_params, **student_ctx)[0],
                                                      full_steps=steps, resume=resume)
         scfg = dcfg.replace(**best)
         online = _teacher_online(scfg)
@@ -106,7 +112,7 @@ def _distill(run: Run, resume: bool) -> tuple[dict, dict]:
         jobs.append(("baseline", "labels", np.intersect1d(train_rows, labeled), None))
     for name, loss, rows, tlogits in jobs:
         torch.manual_seed(dcfg.seed)
-        module, _ = build_student(dcfg.student, ds.input_shape, num_classes, teacher_params)
+        module, _ = build_student(dcfg.student, ds.input_shape, num_classes, teacher_params, **student_ctx)
         kw = {}
         if online and name == "student":
             kw = _online_teacher(teacher, module, ds.x[:2], scfg)
@@ -180,6 +186,19 @@ def _online_teacher(teacher, student, sample: np.ndarray, dcfg) -> dict:
     return kw
 
 
+def _vocab_size(teacher, ds) -> int:
+    """Embedding rows a token-id student needs: every id in the data, and the teacher's own vocabulary when it shows one."""
+    size = int(max(ds.x.max(initial=0), ds.x_test.max(initial=0))) + 1
+    module = teacher.module if teacher.format in ("state_dict", "pickle") else None
+    if module is not None and hasattr(module, "modules"):
+        import torch
+
+        emb = next((m for m in module.modules() if isinstance(m, torch.nn.Embedding)), None)
+        if emb is not None:
+            size = max(size, int(emb.num_embeddings))
+    return size
+
+
 def _check_student_output(student, x: np.ndarray, num_classes: int, spec) -> None:
     import torch
 
@@ -231,7 +250,7 @@ def quantize(run_dir: str | Path, config: QuantizeConfig | None = None, *, force
     from .bench.host import has_vnni
     from .bench.latency import measure
     from .export.onnx_io import compare, make_session, run_session
-    from .export.quantize import AUTO_CANDIDATES, get_recipe, preprocess, quantize_static, scratch_dir
+    from .export.quantize import AUTO_CANDIDATES, get_recipe, preprocess, qdq_summary, quantize_static, scratch_dir
 
     run, done = _open_stage(run_dir, "quantize", config, force)
     if done:
@@ -264,11 +283,13 @@ def quantize(run_dir: str | Path, config: QuantizeConfig | None = None, *, force
             preprocess(fp32, pre)
             for name in candidates:
                 qpath = Path(tmp) / f"{name}.onnx"
-                quantize_static(pre, qpath, get_recipe(name), calib, cfg.calibrate_method, cfg.per_channel)
+                info = quantize_static(pre, qpath, get_recipe(name), calib, cfg.calibrate_method, cfg.per_channel)
                 sess = make_session(qpath, threads=1)
                 cmp = compare(ref, run_session(sess, check_rows))
                 ms = measure(lambda: sess.run(None, {"input": one}), min_runs=100, min_duration_s=0.3)["p50"] if len(candidates) > 1 else None
-                trials.append({"recipe": name, "agreement_with_fp32": cmp["agreement"], "max_abs_diff": cmp["max_abs_diff"], "p50_ms_1thread": ms, "path": qpath})
+                ops = qdq_summary(qpath)  # which compute ops got Q/DQ and which the recipe left in float
+                trials.append({"recipe": name, "agreement_with_fp32": cmp["agreement"], "max_abs_diff": cmp["max_abs_diff"], "p50_ms_1thread": ms,
+                               "ops_int8": ops["int8"], "ops_float": ops["float"], "fallback": info["fallback"], "path": qpath})
             # Fastest recipe whose agreement with FP32 is within half a point of the best one.
             best_agree = max(t["agreement_with_fp32"] for t in trials)
             ok = [t for t in trials if t["agreement_with_fp32"] >= best_agree - 0.005]
@@ -278,10 +299,19 @@ def quantize(run_dir: str | Path, config: QuantizeConfig | None = None, *, force
             t.pop("path")
     result = {"recipe": chosen["recipe"], "description": get_recipe(chosen["recipe"]).description, "requested": recipe_name,
               "calibration_rows": int(len(calib)), "calibrate_method": cfg.calibrate_method, "per_channel": cfg.per_channel,
-              "agreement_with_fp32": chosen["agreement_with_fp32"], "fp32_p50_ms_1thread": fp32_ms, "trials": trials}
+              "agreement_with_fp32": chosen["agreement_with_fp32"], "fp32_p50_ms_1thread": fp32_ms,
+              "ops_int8": chosen["ops_int8"], "ops_float": chosen["ops_float"], "fallback": chosen["fallback"], "trials": trials}
     run.finish("quantize", {"onnx_int8": "student.int8.onnx"}, result)
     _say(f"quantize: {chosen['recipe']} -> student.int8.onnx, agreement with FP32 {chosen['agreement_with_fp32']:.4f}")
+    if chosen["ops_float"]:
+        _say(f"quantize: left in float (not quantized by the {chosen['recipe']} recipe): {_op_counts(chosen['ops_float'])}")
+    if chosen["fallback"]:
+        _say(f"quantize: {chosen['fallback']}")
     return run
+
+
+def _op_counts(ops: dict) -> str:
+    return ", ".join(f"{op} ×{n}" for op, n in ops.items())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -71,11 +71,28 @@ def _list(value: str | None, kind=float, n: int | None = None, flag: str = ""):
     return out
 
 
+def _check_teacher_output(ctx, param, value):
+    if value is None:
+        return None
+    from .distill.blackbox import parse_teacher_output
+
+    try:
+        parse_teacher_output(value)
+    except CompressError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return value.strip().lower()
+
+
 def pipeline_options(fn):
     """Options shared by the full pipeline and `compress distill` (Polygraphy-style argument groups)."""
     opts = [
-        click.option("--teacher", type=str, help="Trained model: TorchScript, torch.export .pt2, ONNX, or a state dict (with --teacher-arch). Default: the built-in demo teacher."),
+        click.option("--teacher", type=str, help="Trained model: TorchScript, torch.export .pt2, ONNX, or a state dict (with --teacher-arch); or a black box: file.py:fn / package.module:fn, a Python function from a numpy batch to a numpy answer. Default: the built-in demo teacher."),
         click.option("--teacher-arch", type=str, help="file.py:factory (or package.module:factory) building the module for a state-dict teacher."),
+        click.option("--teacher-cmd", type=str, help="A black-box teacher as a command, e.g. \"python ask_api.py\": run once per batch (no shell), it reads the batch as .npy bytes on stdin and writes its answer as .npy bytes on stdout."),
+        click.option("--teacher-output", type=str, callback=_check_teacher_output, help="What the teacher answers: logits (default), probs, topk:K (scores of which only each row's K largest count) or label ((N,) class ids, or the argmax of scores)."),
+        click.option("--query-budget", type=click.IntRange(min=1), help="At most this many rows are sent to the teacher, spent in --query-rounds rounds on the rows the student is least sure of (default: every training row, once)."),
+        click.option("--query-rounds", type=click.IntRange(min=1), help=f"Rounds the --query-budget is spent in: a stratified random sample first, then the least certain rows (default {DistillConfig.query_rounds})."),
+        click.option("--query-strategy", type=click.Choice(["margin", "entropy"]), help="How later rounds pick rows: margin (smallest top-1 minus top-2 probability, default) or entropy (highest)."),
         click.option("--trust", is_flag=True, help="Allow loading a whole pickled module (runs code from the file: only for files you trust)."),
         click.option("--target", default="jetson", show_default=True, help="Device profile name or alias (see 'compress targets'), or a path to your own .toml."),
         click.option("--data", "data", default="mnist1d", show_default=True, help="Training data: an .npz (x, y, optional x_test/y_test), an image folder, or 'mnist1d'."),
@@ -92,7 +109,7 @@ def pipeline_options(fn):
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), help=f"Peak learning rate for AdamW (default {DistillConfig.lr:g})."),
         click.option("--temperature", "-T", type=click.FloatRange(min=0, min_open=True), help=f"Softmax temperature of the KD term (default {DistillConfig.temperature:g})."),
         click.option("--alpha", type=click.FloatRange(0, 1), help=f"Weight of the KD term on labeled rows (default {DistillConfig.alpha:g})."),
-        click.option("--loss", type=str, help=f"Distillation loss: kd (Hinton), dkd (decoupled KD), dist (DIST, Pearson relations) or labels (no teacher) (default {DistillConfig.loss})."),
+        click.option("--loss", type=str, help=f"Distillation loss: kd (Hinton), dkd (decoupled KD), dist (DIST, Pearson relations), labels (no teacher), or another registered loss (compressor.distill.losses) (default {DistillConfig.loss})."),
         click.option("--logit-standardize/--no-logit-standardize", default=None, help="kd/dkd: z-score each row's logits before the temperature (default off)."),
         click.option("--search", type=click.IntRange(min=0), help="Try N settings of loss, temperature, alpha, logit standardization, lr and augment (Optuna TPE; trial 0 is your own), each trained briefly and scored on the validation split; then train the student with the best (default 0: off)."),
         click.option("--search-steps", type=click.IntRange(min=1), help="Steps per search trial (default: a quarter of the full budget, at least 200)."),
@@ -118,7 +135,10 @@ def pipeline_options(fn):
 def _config_from(kw: dict) -> CompressConfig:
     data = DataConfig().replace(source=kw["data"], eval_source=kw["eval_data"], image_size=_list(kw["image_size"], int, 2, "--image-size"),
                                 channels=kw["channels"], mean=_list(kw["mean"]), std=_list(kw["std"]), seed=kw["seed"])
-    baseline = kw["baseline"] if kw["baseline"] is not None else kw["teacher"] is None
+    if kw["teacher"] and kw["teacher_cmd"]:
+        raise click.UsageError("give either --teacher or --teacher-cmd, not both")
+    teacher = f"cmd:{kw['teacher_cmd']}" if kw["teacher_cmd"] else kw["teacher"]  # a command teacher is stored as 'cmd:…'
+    baseline = kw["baseline"] if kw["baseline"] is not None else teacher is None
     distill = DistillConfig().replace(student=kw["student"], epochs=kw["epochs"], steps=kw["steps"], batch_size=kw["batch_size"], lr=kw["lr"],
                                       temperature=kw["temperature"], alpha=kw["alpha"], baseline=baseline, device=kw["device"], seed=kw["seed"])
     distill = distill.replace(augment=kw["augment"], mixup=kw["mixup"], cutmix=kw["cutmix"], hint=kw["hint"], hint_weight=kw["hint_weight"],
@@ -128,7 +148,9 @@ def _config_from(kw: dict) -> CompressConfig:
 
         get_loss(kw["loss"])  # a typo fails here, with a did-you-mean, before any training
     distill = distill.replace(loss=kw["loss"], logit_standardize=kw["logit_standardize"], search=kw["search"], search_steps=kw["search_steps"])
-    return CompressConfig(teacher=kw["teacher"], teacher_arch=kw["teacher_arch"], trust=kw["trust"], target=kw["target"], data=data, distill=distill)
+    distill = distill.replace(teacher_output=kw["teacher_output"], query_budget=kw["query_budget"], query_rounds=kw["query_rounds"],
+                              query_strategy=kw["query_strategy"])
+    return CompressConfig(teacher=teacher, teacher_arch=kw["teacher_arch"], trust=kw["trust"], target=kw["target"], data=data, distill=distill)
 
 
 def _check_target(name: str) -> None:

@@ -52,14 +52,20 @@ class Run:
             if cfg.data.source != "mnist1d":
                 raise CompressError("--data needs --teacher", hint="the built-in demo teacher only fits the built-in 'mnist1d' data")
             cfg.teacher = str(DEMO_TEACHER)
-        teacher = Path(cfg.teacher)
-        if not teacher.is_file():
-            raise CompressError(f"teacher {teacher} does not exist" if not teacher.exists() else f"teacher {teacher} is not a file")
+        from .models._blackbox_teacher import is_query_spec, query_spec_input
+
+        if is_query_spec(cfg.teacher):  # a callable or a command: a black box that can only be queried
+            teacher_input, cfg.teacher = query_spec_input(cfg.teacher)
+        else:
+            teacher = Path(cfg.teacher)
+            if not teacher.is_file():
+                raise CompressError(f"teacher {teacher} does not exist" if not teacher.exists() else f"teacher {teacher} is not a file")
+            teacher_input = {"path": str(teacher.resolve()), "sha256": sha256_file(teacher)}
+            cfg.teacher = str(teacher.resolve())
         inputs = {
-            "teacher": {"path": str(teacher.resolve()), "sha256": sha256_file(teacher)},
+            "teacher": teacher_input,
             "data": {"source": cfg.data.source, "fingerprint": _data_fingerprint(cfg.data.source)},
         }
-        cfg.teacher = str(teacher.resolve())
         old = cls._read(path) if (path / MANIFEST).exists() else None
         manifest = {
             "manifest_version": 1, "tool_version": __version__,
@@ -116,9 +122,15 @@ class Run:
 
         cfg = self.config
         recorded = self.manifest["inputs"]["teacher"]
-        if Path(cfg.teacher).is_file() and sha256_file(cfg.teacher) != recorded["sha256"]:
+        from .models._blackbox_teacher import is_query_spec, query_spec_input
+
+        if is_query_spec(cfg.teacher):
+            changed = query_spec_input(cfg.teacher, recorded.get("cwd"))[0]["sha256"] != recorded["sha256"]
+        else:
+            changed = Path(cfg.teacher).is_file() and sha256_file(cfg.teacher) != recorded["sha256"]
+        if changed:
             raise CompressError(f"teacher {cfg.teacher} changed since this run started", hint="rerun the whole pipeline, or use a new --out")
-        return load_teacher(cfg.teacher, cfg.teacher_arch, cfg.trust)
+        return load_teacher(cfg.teacher, cfg.teacher_arch, cfg.trust, cwd=recorded.get("cwd"))
 
     @functools.cached_property
     def data(self):
@@ -133,7 +145,10 @@ class Run:
         from .models import load_student
 
         res = self.stage("distill")["result"]
-        module = load_student(res["student_record"], input_shape=self.data.input_shape, num_classes=res["num_classes"])
+        record = res["student_record"]
+        # a student cut from the teacher ('teacher:every-other') is rebuilt from the same (hash-checked) teacher
+        teacher = self.teacher if str(record.get("spec", "")).startswith("teacher:") else None
+        module = load_student(record, input_shape=self.data.input_shape, num_classes=res["num_classes"], teacher=teacher)
         module.load_state_dict(torch.load(self.path(f"{name}.pt"), map_location="cpu", weights_only=True))
         return module.eval()
 

@@ -71,7 +71,59 @@ def build_report(run, models: list[dict]) -> dict:
         },
         "notes": notes,
     }
+    if distill.get("teacher_queries"):  # a black-box flow: the rows and calls the teacher was asked for
+        rep["checks"]["distill"]["teacher_queries"] = {k: v for k, v in distill["teacher_queries"].items() if k in QUERY_KEYS}
+    bench_teacher = run.__dict__.get("teacher")  # the bench stage's own queries of a black-box teacher (held-out rows, latency)
+    if bench_teacher is not None and hasattr(bench_teacher, "answers"):
+        notes.append(f"The teacher is a black box ({bench_teacher.format}): the bench stage asked it about {bench_teacher.rows:,} rows "
+                     f"in {bench_teacher.calls:,} calls (held-out accuracy and latency).")
+    if distill.get("search"):  # --search: every trial and the settings the student was trained with
+        rep["search"] = {k: v for k, v in distill["search"].items() if k in SEARCH_KEYS}
     return validate_report(rep)
+
+
+QUERY_KEYS = ("output", "budget", "strategy", "pool_rows", "rows", "calls", "rows_per_call", "loss", "rounds")
+
+
+def render_queries(q: dict) -> str:
+    """report.md's line on how much a black-box teacher was asked."""
+    n = len(q.get("rounds", []))
+    line = f"Teacher queries: {q['rows']:,} rows in {q['calls']:,} call{'' if q['calls'] == 1 else 's'}"
+    line += f" over {n} rounds" if n > 1 else ""
+    line += f" (budget {q['budget']:,} of {q.get('pool_rows', 0):,} pool rows)" if q.get("budget") else " (every pool row once)"
+    line += f"; the teacher answers {q['output']}"
+    if n > 1:
+        line += f"; rounds after the first asked about the rows the student was least sure of ({q['strategy']})"
+    return line + "."
+
+
+SEARCH_KEYS = ("n_trials", "steps_per_trial", "scored_on", "val_rows", "sampler", "pruner", "seconds", "best", "trials")
+
+
+def _fmt_param(v) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def render_search(s: dict) -> list[str]:
+    """report.md's table of search trials (the best one in bold)."""
+    names = list(s["best"]["params"])
+    lines = ["", "## Hyper-parameter search", "",
+             f"{len(s['trials'])} trials of {s.get('steps_per_trial', '?')} steps, scored on {s.get('val_rows', '?')} validation rows "
+             f"carved out of the training data (never the held-out set); sampler: {s.get('sampler', '?')}. "
+             f"The student was then trained for the full budget with trial {s['best']['number']}'s settings.", "",
+             "| trial | " + " | ".join(names) + " | val accuracy % | seconds | state |",
+             "|" + "|".join("---" for _ in range(len(names) + 4)) + "|"]
+    for t in s["trials"]:
+        acc = f"{t['val_accuracy'] * 100:.2f}" if t.get("val_accuracy") is not None else "-"
+        cells = [str(t["number"]), *(_fmt_param(t["params"].get(n)) for n in names), acc, f"{t.get('seconds', 0):.1f}", t["state"]]
+        if t["number"] == s["best"]["number"]:
+            cells = [f"**{c}**" for c in cells]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _table_rows(rep: dict, runtime: bool = True) -> list[list[str]]:
@@ -119,6 +171,10 @@ def render_markdown(rep: dict) -> str:
         q = checks["quantize"]
         lines += [f"INT8 recipe: {q['recipe']} (asked: {q['requested']}), calibrated on {q['calibration_rows']} training rows "
                   f"({q['calibrate_method']}); agrees with FP32 on {q['agreement_with_fp32'] * 100:.2f}% of unseen training rows."]
+    if checks.get("distill", {}).get("teacher_queries"):
+        lines += [render_queries(checks["distill"]["teacher_queries"])]
+    if rep.get("search"):
+        lines += render_search(rep["search"])
     lines += ["", f"Host: {h['cpu']}, {h['cpu_count']} cores, features {', '.join(h.get('cpu_features', [])) or 'n/a'}; "
               + ", ".join(f"{k} {v}" for k, v in h["versions"].items()) + "."]
     for n in rep.get("notes", [])[1:]:

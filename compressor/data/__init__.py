@@ -27,6 +27,11 @@ class Dataset:
         return int(max(self.y.max(initial=-1), self.y_test.max(initial=-1))) + 1
 
     @property
+    def token_ids(self) -> bool:
+        """True when x holds integer token ids (int64) rather than float features."""
+        return is_token_ids(self.x)
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
 
@@ -63,17 +68,42 @@ def load_data(cfg: DataConfig, *, teacher_input_shape: tuple | None = None, cach
     return validate(ds)
 
 
+def is_token_ids(x: np.ndarray) -> bool:
+    """Integer inputs are token ids (fed to an embedding as int64); float inputs are features."""
+    return x.dtype.kind in "iu"
+
+
+def check_token_ids(x: np.ndarray, what: str) -> None:
+    """Token ids index an embedding table: they must be >= 0 (and fit int64)."""
+    if x.size == 0:
+        return
+    low, high = x.min(), x.max()
+    if low < 0:
+        bad = int((x < 0).reshape(len(x), -1).any(1).sum()) if x.ndim else 1
+        raise CompressError(f"{what} has integer dtype {x.dtype}, read as token ids, but {bad} rows hold negative ids (min {int(low)})",
+                            hint="token ids must be >= 0 (they index the embedding table); if the array holds feature values, "
+                                 "not token ids, convert it to float32 in the scale the teacher expects")
+    if x.dtype == np.uint64 and high > np.iinfo(np.int64).max:
+        raise CompressError(f"{what} has token ids above 2**63-1 (max {int(high)})", hint="token ids index an embedding table: renumber the vocabulary from 0")
+
+
 def validate(ds: Dataset) -> Dataset:
-    """Check shapes, dtypes, finiteness and labels; raise CompressError naming the first problem."""
+    """Check shapes, dtypes, finiteness (floats) or non-negative ids (integer token ids) and labels; raise CompressError naming the first problem."""
     for xname, yname in (("x", "y"), ("x_test", "y_test")):
         x, y = getattr(ds, xname), getattr(ds, yname)
         if x.ndim < 2:
             raise CompressError(f"{ds.name}: '{xname}' must be N×… with at least 2 dimensions, got shape {x.shape}")
         if y.ndim != 1 or len(y) != len(x):
             raise CompressError(f"{ds.name}: '{yname}' must have shape ({len(x)},) to match '{xname}', got {y.shape}")
-        if not np.all(np.isfinite(x)):
+        if is_token_ids(x):
+            check_token_ids(x, f"{ds.name}: '{xname}'")
+        elif not np.all(np.isfinite(x)):  # NaN/Inf exist only in floats
             bad = int((~np.isfinite(x)).reshape(len(x), -1).any(1).sum())
             raise CompressError(f"{ds.name}: '{xname}' has NaN or Inf values in {bad} rows", hint="clean or drop those rows")
+    if is_token_ids(ds.x) != is_token_ids(ds.x_test):
+        kinds = {True: "integer token ids", False: "float features"}
+        raise CompressError(f"{ds.name}: 'x' holds {kinds[is_token_ids(ds.x)]} ({ds.x.dtype}) but 'x_test' holds {kinds[is_token_ids(ds.x_test)]} ({ds.x_test.dtype})",
+                            hint="save both with the same kind of dtype")
     if ds.x.shape[1:] != ds.x_test.shape[1:]:
         raise CompressError(f"{ds.name}: held-out rows have shape {ds.x_test.shape[1:]} but training rows {ds.x.shape[1:]}")
     if (ds.y < -1).any():

@@ -1,4 +1,4 @@
-"""`.npz` data: x (float, N×…), y (int, N; -1 = unlabeled), optional x_test / y_test."""
+"""`.npz` data: x (float features, N×…, or integer token ids, e.g. N×L), y (int, N; -1 = unlabeled), optional x_test / y_test."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,9 +18,12 @@ def _array(npz, key: str, path: Path, kind: str) -> np.ndarray:
         raise CompressError(f"{path}: array '{key}' cannot be read ({type(exc).__name__}: {exc})", hint="the file may be truncated or corrupt") from None
     if kind == "x":
         if a.dtype.kind not in "fiu" or a.dtype == np.bool_:
-            raise CompressError(f"{path}: '{key}' must be a float array, got dtype {a.dtype}")
-        if a.dtype.kind != "f":
-            raise CompressError(f"{path}: '{key}' has integer dtype {a.dtype}; convert it to float32 in the scale the teacher expects")
+            raise CompressError(f"{path}: '{key}' must be a float array (features) or an integer array (token ids), got dtype {a.dtype}")
+        if a.dtype.kind in "iu":  # token ids, e.g. (N, L) for a sequence model: kept as int64 (torch embeddings, ONNX Gather)
+            from . import check_token_ids
+
+            check_token_ids(a, f"{path}: '{key}'")
+            return np.ascontiguousarray(a, dtype=np.int64)
         with np.errstate(over="ignore"):  # float64 beyond float32's range becomes Inf, which validate() reports
             return np.ascontiguousarray(a, dtype=np.float32)
     if a.dtype.kind not in "iu":

@@ -1,6 +1,8 @@
 """INT8 recipes over ONNX Runtime's static quantization (Q/DQ), calibrated on the user's own rows."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +51,12 @@ def get_recipe(name: str) -> Recipe:
 
 
 class _Reader:
-    """CalibrationDataReader over rows of real data, one row per call (batch 1, as the model will run)."""
+    """CalibrationDataReader over rows of real data, one row per call (batch 1, as the model will run), in the
+    model input's own dtype (float32 features, or int64 token ids for a model that starts with an embedding)."""
 
-    def __init__(self, input_name: str, rows: np.ndarray):
-        self.input_name, self.rows, self.i = input_name, rows, 0
+    def __init__(self, input_name: str, rows: np.ndarray, dtype=None):
+        self.input_name, self.i = input_name, 0
+        self.rows = np.ascontiguousarray(rows, dtype=dtype) if dtype is not None else rows
 
     def get_next(self):
         if self.i >= len(self.rows):
@@ -74,8 +78,34 @@ def preprocess(fp32: Path, out: Path) -> None:
         quant_pre_process(str(fp32), str(out), skip_symbolic_shape=True)
 
 
-def quantize_static(fp32_pre: Path, out: Path, recipe: Recipe, calib: np.ndarray, method: str = "minmax", per_channel: bool = True) -> None:
-    """Static INT8 Q/DQ quantization of fp32_pre into out (atomically)."""
+# When quantizing every op ONNX Runtime knows fails, the second try quantizes only these (the weight-heavy ones)
+# and leaves the rest in float; the result says so.
+CORE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+# Ops worth reporting as INT8 or float: the ones that carry weights or most of the arithmetic (a Gather only when it
+# looks rows up in a weight table, i.e. an embedding; Gathers on shapes are bookkeeping).
+_COMPUTE_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Gather", "GatherElements", "EmbedLayerNormalization", "Attention",
+                "MultiHeadAttention", "LayerNormalization", "BatchNormalization", "InstanceNormalization", "Softmax",
+                "LSTM", "GRU", "RNN", "Einsum"}
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """ORT's quantizer warns through the root logger (e.g. per-channel axes on LayerNorm weights, which it then quantizes
+    per tensor); keep that off the terminal, where the CLI promises one line per problem."""
+    root = logging.getLogger()
+    old_level, null = root.level, logging.NullHandler()
+    root.addHandler(null)  # logging.warning() would otherwise install a stderr handler for good
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(old_level)
+        root.removeHandler(null)
+
+
+def quantize_static(fp32_pre: Path, out: Path, recipe: Recipe, calib: np.ndarray, method: str = "minmax", per_channel: bool = True) -> dict:
+    """Static INT8 Q/DQ quantization of fp32_pre into out (atomically). Calibration rows are fed in the model input's
+    dtype (int64 token ids stay integers). Returns {"fallback": None | why only CORE_OPS were quantized}."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
@@ -85,19 +115,56 @@ def quantize_static(fp32_pre: Path, out: Path, recipe: Recipe, calib: np.ndarray
     types = {"s8": QuantType.QInt8, "u8": QuantType.QUInt8}
     import onnx
 
-    input_name = onnx.load(str(fp32_pre), load_external_data=False).graph.input[0].name
-    with atomic_path(out) as tmp:
-        try:
+    graph_input = onnx.load(str(fp32_pre), load_external_data=False).graph.input[0]
+    input_name = graph_input.name
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(graph_input.type.tensor_type.elem_type)
+    except Exception:
+        dtype = None
+
+    def run(op_types):
+        with atomic_path(out) as tmp, _quiet_root_logger():
             ort_quantize_static(
-                str(fp32_pre), str(tmp), _Reader(input_name, calib),
+                str(fp32_pre), str(tmp), _Reader(input_name, calib, dtype),
                 quant_format=QuantFormat.QDQ, activation_type=types[recipe.activation], weight_type=types[recipe.weight],
                 per_channel=per_channel, reduce_range=recipe.reduce_range, calibrate_method=methods[method],
-                extra_options=dict(recipe.extra),
+                extra_options=dict(recipe.extra), op_types_to_quantize=op_types,
             )
-        except CompressError:
-            raise
-        except Exception as exc:
-            raise CompressError(f"INT8 quantization ({recipe.name}) failed: {str(exc).splitlines()[0][:300]}", kind="runtime") from exc
+
+    try:
+        run(None)
+        return {"fallback": None}
+    except CompressError:
+        raise
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    try:  # some op could not be quantized: keep everything but the core ops in float, and say so
+        run(list(CORE_OPS))
+    except CompressError:
+        raise
+    except Exception as exc:
+        raise CompressError(f"INT8 quantization ({recipe.name}) failed: {first}; quantizing only {', '.join(CORE_OPS)} "
+                            f"failed too: {str(exc).splitlines()[0][:200]}", kind="runtime") from exc
+    return {"fallback": f"quantizing every supported op failed ({first}); only {', '.join(CORE_OPS)} were quantized, the rest stays float"}
+
+
+def qdq_summary(path: Path) -> dict:
+    """Which compute ops of a Q/DQ model run between quantize/dequantize pairs (INT8) and which stay float:
+    {"int8": {op: count}, "float": {op: count}}."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    produced_by = {o: n.op_type for n in g.node for o in n.output}
+    weights = {t.name for t in g.initializer}
+    int8, flt = {}, {}
+    for n in g.node:
+        if n.op_type not in _COMPUTE_OPS:
+            continue
+        if n.op_type.startswith("Gather") and not (n.input and (n.input[0] in weights or produced_by.get(n.input[0]) == "DequantizeLinear")):
+            continue  # a Gather on shapes or activations, not a table lookup
+        side = int8 if any(produced_by.get(i) == "DequantizeLinear" for i in n.input) else flt
+        side[n.op_type] = side.get(n.op_type, 0) + 1
+    return {"int8": dict(sorted(int8.items())), "float": dict(sorted(flt.items()))}
 
 
 def scratch_dir(run_dir: Path) -> tempfile.TemporaryDirectory:

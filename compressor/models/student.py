@@ -58,7 +58,34 @@ def mlp(input_shape: tuple, num_classes: int, width: int = 64):
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width), nn.ReLU(), nn.Linear(width, num_classes))
 
 
-_STUDENTS = {"cnn1d": cnn1d, "cnn2d": cnn2d, "mlp": mlp}
+def transformer(input_shape: tuple, num_classes: int, width: int = 32, vocab_size: int = 256, layers: int = 2):
+    """A small transformer encoder for integer token ids shaped (L,): token + learned position embeddings,
+    pre-norm encoder layers, mean pool over positions, linear head."""
+    torch, nn = _torch()
+    if len(input_shape) != 1:
+        raise CompressError(f"the built-in token-id student takes rows of token ids shaped (L,), but the data's rows are {tuple(input_shape)}",
+                            hint="pass --student file.py:factory for this input")
+    length = int(input_shape[0])
+    heads = 4 if width % 4 == 0 and width >= 64 else 2 if width % 2 == 0 else 1
+
+    class TokenTransformer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(vocab_size, width)
+            self.pos = nn.Parameter(torch.randn(1, length, width) * 0.02)
+            layer = nn.TransformerEncoderLayer(width, heads, 2 * width, 0.0, batch_first=True, norm_first=True)
+            self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+            self.norm = nn.LayerNorm(width)
+            self.head = nn.Linear(width, num_classes)
+
+        def forward(self, x):
+            h = self.encoder(self.embed(x) + self.pos[:, : x.shape[1]])
+            return self.head(self.norm(h.mean(1)))
+
+    return TokenTransformer()
+
+
+_STUDENTS = {"cnn1d": cnn1d, "cnn2d": cnn2d, "mlp": mlp, "transformer": transformer}
 _WIDTHS = (4, 6, 8, 12, 16, 20, 24, 32, 48, 64, 96, 128)
 
 
@@ -74,31 +101,45 @@ def _params(m) -> int:
     return int(sum(p.numel() for p in m.parameters()))
 
 
-def default_student_record(input_shape: tuple, num_classes: int, teacher_params: int | None) -> dict:
-    """The built-in student for this data: the widest of its family within a tenth of the teacher's parameters."""
-    family = _family(input_shape)
+def default_student_record(input_shape: tuple, num_classes: int, teacher_params: int | None, vocab_size: int | None = None) -> dict:
+    """The built-in student for this data: the widest of its family within a tenth of the teacher's parameters.
+    Token-id data (vocab_size given) gets the small transformer; float data a conv net or an MLP by its shape."""
+    family = "transformer" if vocab_size else _family(input_shape)
+    extra = {"vocab_size": int(vocab_size)} if vocab_size else {}
     width = 16
     if teacher_params:
-        fitting = [w for w in _WIDTHS if _params(_STUDENTS[family](input_shape, num_classes, w)) <= teacher_params / 10]
+        fitting = [w for w in _WIDTHS if _params(_STUDENTS[family](input_shape, num_classes, w, **extra)) <= teacher_params / 10]
         width = fitting[-1] if fitting else _WIDTHS[0]
-    return {"spec": f"builtin:{family}", "kwargs": {"input_shape": list(input_shape), "num_classes": num_classes, "width": width}}
+    return {"spec": f"builtin:{family}", "kwargs": {"input_shape": list(input_shape), "num_classes": num_classes, "width": width, **extra}}
 
 
-def build_student(spec: str | None, input_shape: tuple, num_classes: int, teacher_params: int | None = None):
-    """Build a fresh student; returns (module, record) where record rebuilds it in later stages."""
+def build_student(spec: str | None, input_shape: tuple, num_classes: int, teacher_params: int | None = None, *,
+                  teacher=None, vocab_size: int | None = None):
+    """Build a fresh student; returns (module, record) where record rebuilds it in later stages.
+
+    teacher (a Teacher or an nn.Module) is needed by the 'teacher:…' specs, which are cut from it;
+    vocab_size (token-id data only) sizes the built-in token student's embedding."""
     if spec is None or spec == "default":
-        record = default_student_record(input_shape, num_classes, teacher_params)
+        record = default_student_record(input_shape, num_classes, teacher_params, vocab_size)
+    elif spec.startswith("teacher:"):
+        module, record = from_teacher(spec, teacher)
+        return module, record
     elif spec.startswith("builtin:"):
         record = {"spec": spec, "kwargs": {"input_shape": list(input_shape), "num_classes": num_classes}}
+        if spec == "builtin:transformer" and vocab_size:
+            record["kwargs"]["vocab_size"] = int(vocab_size)
     else:
         record = {"spec": spec, "kwargs": {}}
     return load_student(record, input_shape=input_shape, num_classes=num_classes), record
 
 
-def load_student(record: dict, input_shape: tuple | None = None, num_classes: int | None = None):
-    """Rebuild the (untrained) student module described by a record from build_student."""
+def load_student(record: dict, input_shape: tuple | None = None, num_classes: int | None = None, teacher=None):
+    """Rebuild the (untrained) student module described by a record from build_student
+    ('teacher:…' students are rebuilt from the same teacher, so teacher is required for them)."""
     _, nn = _torch()
     spec = record["spec"]
+    if spec.startswith("teacher:"):
+        return from_teacher(spec, teacher, record)[0]
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         if name not in _STUDENTS:
@@ -112,3 +153,120 @@ def load_student(record: dict, input_shape: tuple | None = None, num_classes: in
     if not isinstance(module, nn.Module):
         raise CompressError(f"--student '{spec}' returned {type(module).__name__}, not a torch.nn.Module")
     return module
+
+
+# --- students cut from the teacher ----------------------------------------------------------------------
+TEACHER_SPECS = {
+    "teacher:every-other": "the teacher with every other block of its main stack dropped (blocks 0, 2, 4, … kept with "
+                           "the teacher's weights; DistilBERT's initialisation)",
+}
+# attributes that record a stack's length (nn.TransformerEncoder/Decoder.num_layers, common config names)
+_COUNTERS = ("num_layers", "n_layers", "num_hidden_layers", "n_layer", "num_blocks", "depth")
+_NOT_EAGER = {
+    "torchscript": "a TorchScript module (compiled: its blocks cannot be copied and re-assembled)",
+    "torch.export": "a torch.export program (a flattened graph without its module structure)",
+    "onnx": "an ONNX model (run as a black box)",
+}
+
+
+def _eager_teacher(spec: str, teacher):
+    """The teacher's eager nn.Module, or CompressError saying why this teacher cannot give the student."""
+    torch, nn = _torch()
+    fmt = getattr(teacher, "format", None)
+    module = getattr(teacher, "module", teacher) if fmt is not None else teacher
+    hint = ("pass the teacher as a state dict with --teacher-arch file.py:factory (or a whole pickled module with --trust), "
+            "or choose a student with --student file.py:factory")
+    if teacher is None:
+        raise CompressError(f"--student {spec} is cut from the teacher, but no teacher was given", hint=hint)
+    if fmt in _NOT_EAGER:
+        raise CompressError(f"--student {spec} copies blocks out of an eager PyTorch teacher, but the teacher is {_NOT_EAGER[fmt]}", hint=hint)
+    if isinstance(module, torch.jit.ScriptModule):
+        raise CompressError(f"--student {spec} copies blocks out of an eager PyTorch teacher, but the teacher is {_NOT_EAGER['torchscript']}", hint=hint)
+    if isinstance(module, torch.fx.GraphModule):
+        raise CompressError(f"--student {spec} copies blocks out of an eager PyTorch teacher, but the teacher is a traced/exported graph module", hint=hint)
+    if not isinstance(module, nn.Module):
+        raise CompressError(f"--student {spec} needs the teacher as a torch.nn.Module, got {type(module).__name__}", hint=hint)
+    return module
+
+
+def find_block_stack(module) -> tuple[str, int] | None:
+    """(path, length) of the module's main stack of repeated blocks: the longest nn.ModuleList / nn.Sequential with
+    >= 2 children of one type that hold parameters (ties: the one with more parameters, then the outermost)."""
+    _, nn = _torch()
+    best, best_key = None, None
+    for order, (name, m) in enumerate(module.named_modules()):
+        if not isinstance(m, (nn.ModuleList, nn.Sequential)):
+            continue
+        kids = list(m._modules.values())
+        if len(kids) < 2 or any(k is None or type(k) is not type(kids[0]) for k in kids):
+            continue
+        if any(_params(k) == 0 for k in kids):
+            continue
+        key = (len(kids), _params(m), -order)
+        if best_key is None or key > best_key:
+            best, best_key = (name, len(kids)), key
+    return best
+
+
+def from_teacher(spec: str, teacher, record: dict | None = None):
+    """A student cut from a deep copy of the teacher: (module, record). With a record, rebuild exactly that student."""
+    import copy
+
+    torch, nn = _torch()
+    if spec not in TEACHER_SPECS:
+        raise CompressError(f"unknown teacher-derived student '{spec}'.{did_you_mean(spec, TEACHER_SPECS)}",
+                            hint=f"choose one of {', '.join(TEACHER_SPECS)} or --student file.py:factory")
+    source = _eager_teacher(spec, teacher)
+    tname = type(source).__name__
+    if record is None:
+        found = find_block_stack(source)
+        if found is None:
+            raise CompressError(f"--student {spec}: the teacher ({tname}) has no stack of repeated blocks (an nn.ModuleList or "
+                                f"nn.Sequential of two or more children of the same type)",
+                                hint="choose a student with --student file.py:factory for this architecture")
+        path, n = found
+        kept = list(range(0, n, 2))
+    else:
+        kw = record["kwargs"]
+        path, n, kept = kw["stack"], int(kw["teacher_blocks"]), [int(i) for i in kw["kept"]]
+    student = copy.deepcopy(source).cpu()
+    try:
+        stack = student.get_submodule(path) if path else student
+    except AttributeError:
+        stack = None
+    if (not isinstance(stack, (nn.ModuleList, nn.Sequential)) or len(stack) != n
+            or (record is not None and type(stack[0]).__name__ != record["kwargs"].get("block_type"))):
+        raise CompressError(f"--student {spec}: the teacher no longer has the {n}-block stack '{path}' this run's student was cut from",
+                            hint="rerun distill with --force, or use the teacher the run was made with")
+    names = list(stack._modules)
+    blocks = [stack._modules[k] for k in names]
+    renumber = all(k.isdigit() for k in names)
+    for k in names:
+        del stack._modules[k]
+    for j, i in enumerate(kept):
+        stack._modules[str(j) if renumber else names[i]] = blocks[i]
+    fixed = []
+    parent_path = path.rpartition(".")[0]
+    owners = [(parent_path, student.get_submodule(parent_path) if parent_path else student), ("", student)]
+    if getattr(student, "config", None) is not None:
+        owners.append(("config", student.config))
+    seen = set()
+    for where, obj in owners:
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        for attr in _COUNTERS:
+            v = getattr(obj, attr, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v == n:
+                setattr(obj, attr, len(kept))
+                fixed.append(f"{where}.{attr}" if where else attr)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    student.train()
+    t_params, s_params = _params(source), _params(student)
+    new_record = {"spec": spec, "kwargs": {
+        "stack": path, "block_type": type(blocks[0]).__name__, "teacher_blocks": n, "kept": kept, "counters_fixed": fixed,
+        "teacher_class": tname, "teacher_params": t_params, "params": s_params,
+        "param_ratio": round(s_params / t_params, 4) if t_params else None,
+    }}
+    return student, new_record

@@ -12,6 +12,7 @@ import numpy as np
 from ..errors import CompressError
 from ._spec import call_factory, load_callable
 
+_ONNX_INT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 TRUST_HINT = "a pickled module runs arbitrary code when loaded; pass --trust only if you trust its source, or save it with torch.jit.save / torch.export instead"
 
 
@@ -68,8 +69,10 @@ class Teacher:
     def _run(self, xb: np.ndarray) -> np.ndarray:
         try:
             if self.session is not None:
-                name = self.session.get_inputs()[0].name
-                return np.asarray(self.session.run(None, {name: xb})[0], np.float32)
+                inp = self.session.get_inputs()[0]
+                if xb.dtype.kind in "iu" and inp.type in _ONNX_INT:  # token ids in the integer type the model declares
+                    xb = xb.astype(_ONNX_INT[inp.type])
+                return np.asarray(self.session.run(None, {inp.name: xb})[0], np.float32)
             import torch
 
             with torch.inference_mode(), torch.autocast("cuda", enabled=self.device == "cuda"):
@@ -87,10 +90,11 @@ class Teacher:
             lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
             # TorchScript wraps the real error: its first line is boilerplate, the cause is on the last one
             msg = (lines[-1] if lines[0].startswith("The following operation failed") else lines[0])[:300] if lines else type(exc).__name__
-            raise CompressError(
-                f"the teacher cannot run on data of shape {tuple(xb.shape[1:])}: {msg}",
-                hint="check that --data matches the teacher's expected input (shape, channels, size)",
-            ) from exc
+            hint = "check that --data matches the teacher's expected input (shape, channels, size)"
+            if xb.dtype.kind in "iu":
+                hint = ("the data's x holds integers, which are read as token ids for a model that starts with an embedding; "
+                        "if they are feature values (e.g. uint8 pixels), convert x to float32 in the scale the teacher expects")
+            raise CompressError(f"the teacher cannot run on data of shape {tuple(xb.shape[1:])}: {msg}", hint=hint) from exc
 
     def num_params(self) -> int | None:
         if self.module is not None and hasattr(self.module, "parameters"):
@@ -129,8 +133,13 @@ def _sniff(path: Path) -> str:
     return "onnx"  # protobuf has no magic number; the ONNX parser decides
 
 
-def load_teacher(path: str | Path, arch: str | None = None, trust: bool = False) -> Teacher:
-    """Load a teacher file, detecting its format from its content."""
+def load_teacher(path: str | Path, arch: str | None = None, trust: bool = False, cwd: str | None = None) -> Teacher:
+    """Load a teacher file, detecting its format from its content; or a black-box teacher you can only query:
+    'file.py:fn' / 'package.module:fn' (a Python callable) or 'cmd:CMD ARGS' (a command run in cwd)."""
+    from ._blackbox_teacher import is_query_spec, load_query_teacher
+
+    if is_query_spec(str(path)):
+        return load_query_teacher(str(path), cwd)
     p = Path(path)
     if not p.exists():
         raise CompressError(f"teacher {p} does not exist")

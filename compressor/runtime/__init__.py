@@ -92,12 +92,15 @@ class OnnxRuntimeRunner(Runner):
 class TeacherRunner(Runner):
     """A loaded Teacher through its own logits(), so teachers exported with a fixed batch size run too."""
 
-    def __init__(self, teacher, threads: int = 1):
+    def __init__(self, teacher, threads: int = 1, num_classes: int | None = None):
         super().__init__(threads)
-        self.teacher = teacher
+        self.teacher, self.num_classes = teacher, num_classes
         self.format = "onnx" if teacher.session is not None else "pytorch"
         self.runtime = teacher.runtime
-        self._inner = OnnxRuntimeRunner(teacher.path, threads) if teacher.session is not None else TorchRunner(teacher.module, threads)
+        if hasattr(teacher, "answers"):  # a black box (callable or command): only its answers, as class scores
+            self.format, self._inner = teacher.format, Runner(threads)
+        else:
+            self._inner = OnnxRuntimeRunner(teacher.path, threads) if teacher.session is not None else TorchRunner(teacher.module, threads)
 
     def activate(self):
         self._inner.activate()
@@ -106,6 +109,17 @@ class TeacherRunner(Runner):
         return self
 
     def infer(self, x):
+        if hasattr(self.teacher, "answers"):
+            y = self.teacher.answers(x, batch_size=max(1, len(x)))
+            # class ids become one-hot scores: their argmax is the answer (the width only needs to cover it)
+            if y.ndim == 1:
+                width = self.num_classes or int(y.max(initial=0)) + 1
+                if len(y) and y.max() >= width:
+                    from ..errors import CompressError
+
+                    raise CompressError(f"{self.teacher.name} answered class {int(y.max())}, but the run has {width} classes")
+                return np.eye(width, dtype=np.float32)[y]
+            return y
         return self.teacher.logits(x, batch_size=max(1, len(x)))
 
     def deactivate(self):
@@ -114,7 +128,10 @@ class TeacherRunner(Runner):
         self._inner.deactivate()
 
     def describe(self):
-        return {**self._inner.describe(), "fixed_batch": self.teacher.fixed_batch}
+        d = {**self._inner.describe(), "fixed_batch": self.teacher.fixed_batch}
+        if hasattr(self.teacher, "answers"):
+            d.update(format=self.format, runtime=self.runtime)
+        return d
 
 
 def infer_batched(runner: Runner, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
