@@ -146,3 +146,35 @@ def test_a_failing_ddp_worker_gives_one_line(tiny, tmp_path):
     assert r.returncode == 2, r.stderr
     assert "factory exploded" in r.stderr.splitlines()[-1] or "factory exploded" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_resume_with_dropout_and_augmentation_matches_an_uninterrupted_run(tiny, tmp_path):
+    """The checkpoint carries the RNG state: a student with dropout, trained on augmented views, resumed at
+    step k ends with exactly the weights of a run that was never stopped."""
+    from compressor.distill.trainer import OnlineTeacher, train_student
+    from compressor.models import load_teacher
+
+    teacher = load_teacher(tiny.torchscript)
+    cfg = DistillConfig(steps=60, evals=6, device="cpu", augment="signal", mixup=0.2)
+
+    def student():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(32, 3))
+
+    x, y, xv, yv = tiny.x[:300], tiny.y[:300], tiny.x[300:360], np.maximum(tiny.y[300:360], 0)
+    full, _ = train_student(student(), x, y, None, xv, yv, cfg, steps=60, checkpoint=tmp_path / "a.ckpt", label="a",
+                            online_teacher=OnlineTeacher(teacher, "cpu"))
+
+    def stop_at_30(step, acc):
+        if step == 30:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_student(student(), x, y, None, xv, yv, cfg, steps=60, checkpoint=tmp_path / "b.ckpt", label="b",
+                      online_teacher=OnlineTeacher(teacher, "cpu"), on_eval=stop_at_30)
+    torch.manual_seed(123)  # a different process would start from another RNG state
+    resumed, res = train_student(student(), x, y, None, xv, yv, cfg, steps=60, checkpoint=tmp_path / "b.ckpt", label="b",
+                                 online_teacher=OnlineTeacher(teacher, "cpu"), resume=True)
+    assert res.resumed_from == 30
+    a, b = full.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -243,6 +243,10 @@ def _train(module, x, y, teacher_logits, x_val, y_val, cfg: DistillConfig, *, st
                 hint.load_state_dict(ck["hint"])
             step, best_acc, best_step, history = ck["step"], ck["best_acc"], ck["best_step"], ck["history"]
             best_state = ck["best_model"]
+            if ck.get("rng") is not None:  # dropout and other random layers continue their stream
+                torch.set_rng_state(ck["rng"]["cpu"])
+                if ck["rng"].get("cuda") is not None and torch.cuda.is_available():
+                    torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
             resumed_from = step
         except Exception as exc:
             raise CompressError(f"checkpoint {checkpoint} cannot be resumed: {str(exc).splitlines()[0][:200]}", hint="rerun with --force to start over") from None
@@ -257,6 +261,7 @@ def _train(module, x, y, teacher_logits, x_val, y_val, cfg: DistillConfig, *, st
         torch_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "scaler": scaler.state_dict(), "step": step, "total_steps": steps, "best_acc": best_acc,
                     "best_step": best_step, "best_model": best_state, "history": history,
+                    "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if on_gpu else None},
                     "hint": hint.state_dict() if hint is not None else None}, checkpoint)
 
     def stop_everywhere(requested: bool) -> bool:
