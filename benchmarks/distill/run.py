@@ -176,13 +176,19 @@ def _fmt(vals: list[float]) -> str:
 def render(rows: list[dict]) -> str:
     cases = [c for c in CASES if any(r["case"] == c for r in rows)]
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    lines = ["| case | teacher | labels-only | " + " | ".join(methods) + " |", "|" + "---|" * (3 + len(methods))]
+    lines = ["| case | params student / teacher | teacher | labels-only | " + " | ".join(methods) + " |", "|" + "---|" * (4 + len(methods))]
     for c in cases:
         rs = [r for r in rows if r["case"] == c and "skipped" not in r]
+        if not rs:
+            continue
         teacher = _fmt(sorted({r["teacher_acc"] for r in rs})[:1])
         base = _fmt([r["baseline_acc"] for r in rs if "baseline_acc" in r])
         cells = [_fmt([r["student_acc"] for r in rs if r["method"] == m]) for m in methods]
-        lines.append(f"| {c} | {teacher} | {base} | " + " | ".join(cells) + " |")
+        ratio = f"{rs[0]['params']:,} / {rs[0]['teacher_params']:,}" if rs[0].get("teacher_params") else f"{rs[0]['params']:,} / ?"
+        lines.append(f"| {c} | {ratio} | {teacher} | {base} | " + " | ".join(cells) + " |")
+    skipped = sorted({f"{r['case']} {r['method']}: {r['skipped']}" for r in rows if "skipped" in r})
+    if skipped:
+        lines += ["", "Not run: " + "; ".join(skipped) + "."]
     lines += ["", "Training speed (steps/s, mean over seeds) and wall time per run (s):", "",
               "| case | labels-only | " + " | ".join(methods) + " |", "|" + "---|" * (2 + len(methods))]
     for c in cases:

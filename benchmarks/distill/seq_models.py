@@ -21,7 +21,7 @@ class SeqTransformer(nn.Module):
                  layers: int = 4, heads: int = 4, ff: int = 128, dropout: float = 0.0):
         super().__init__()
         self.embed = nn.Embedding(vocab, d_model)
-        self.pos = nn.Parameter(torch.randn(1, length, d_model))
+        self.pos = nn.Parameter(torch.randn(1, length, d_model))  # the token embedding's scale, N(0, 1): position must not be drowned out
         layer = nn.TransformerEncoderLayer(d_model, heads, ff, dropout, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)

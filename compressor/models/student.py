@@ -72,7 +72,7 @@ def transformer(input_shape: tuple, num_classes: int, width: int = 32, vocab_siz
         def __init__(self):
             super().__init__()
             self.embed = nn.Embedding(vocab_size, width)
-            self.pos = nn.Parameter(torch.randn(1, length, width) * 0.02)
+            self.pos = nn.Parameter(torch.randn(1, length, width))  # same scale as the token embedding (N(0, 1))
             layer = nn.TransformerEncoderLayer(width, heads, 2 * width, 0.0, batch_first=True, norm_first=True)
             self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
             self.norm = nn.LayerNorm(width)
