@@ -52,6 +52,7 @@ def distill(cfg: CompressConfig, out: str | Path | None = None, *, force: bool =
         launch(run.dir, run.config.distill.nproc_per_node, resume)
         return Run.open(run.dir)
     with run.running("distill"):
+        _check_teacher_student(run)
         outputs, results = _distill(run, resume)
     run.finish("distill", outputs, results)
     return run
@@ -184,6 +185,15 @@ def _online_teacher(teacher, student, sample: np.ndarray, dcfg) -> dict:
 
         kw["hint"] = Hint(dcfg.hint, student, teacher, torch.from_numpy(sample))
     return kw
+
+
+def _check_teacher_student(run: Run) -> None:
+    """A student cut from the teacher ('teacher:every-other') fails here, before the teacher's pass over the pool."""
+    spec = run.config.distill.student
+    if spec and spec.startswith("teacher:"):
+        from .models.student import from_teacher
+
+        from_teacher(spec, run.teacher)
 
 
 def _vocab_size(teacher, ds) -> int:

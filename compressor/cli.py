@@ -97,7 +97,7 @@ def pipeline_options(fn):
         click.option("--target", default="jetson", show_default=True, help="Device profile name or alias (see 'compress targets'), or a path to your own .toml."),
         click.option("--data", "data", default="mnist1d", show_default=True, help="Training data: an .npz (x, y, optional x_test/y_test), an image folder, or 'mnist1d'."),
         click.option("--eval-data", type=str, help="Held-out image folder (default: a sibling test/ or val/ of a train/ folder, else a stratified split)."),
-        click.option("--student", type=str, help="file.py:factory or package.module:factory returning an nn.Module. Default: a built-in student sized to a tenth of the teacher."),
+        click.option("--student", type=str, help="file.py:factory or package.module:factory returning an nn.Module, or teacher:every-other (the teacher with blocks 0, 2, 4, ... of its main stack, weights copied; needs a state-dict or --trust teacher). Default: a built-in student sized to a tenth of the teacher."),
         click.option("--out", type=click.Path(path_type=Path), help="Run directory for every artifact and the report. Default: runs/<timestamp>."),
         click.option("--image-size", type=str, help="HxW for image folders, e.g. 32x32 (default: the teacher's input, else the first image's)."),
         click.option("--channels", type=click.IntRange(1, 3), help="1 (grayscale) or 3 (RGB) for image folders."),

@@ -103,7 +103,10 @@ def test_npz_with_any_arrays_loads_valid_data_or_says_why(tmp_path, arrays):
     np.savez(p, **arrays)
     ds = _only_compress_error(load_data, DataConfig(source=str(p)))
     if ds is not None:  # whatever loads is clean
-        assert ds.x.dtype == np.float32 and np.isfinite(ds.x).all() and np.isfinite(ds.x_test).all()
+        if ds.token_ids:  # integer x: token ids, int64 and >= 0 in both sets
+            assert ds.x.dtype == ds.x_test.dtype == np.int64 and (ds.x >= 0).all() and (ds.x_test >= 0).all()
+        else:
+            assert ds.x.dtype == ds.x_test.dtype == np.float32 and np.isfinite(ds.x).all() and np.isfinite(ds.x_test).all()
         assert (ds.y >= -1).all() and (ds.y >= 0).any() and (ds.y_test >= 0).all() and len(ds.y_test) > 0
 
 

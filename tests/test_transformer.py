@@ -164,6 +164,9 @@ def test_every_other_student_keeps_half_the_blocks_with_the_teachers_weights(tok
     rebuilt.load_state_dict(student.state_dict())
     with pytest.raises(CompressError, match="cut from the teacher"):
         load_student(record)
+    other = build_student(None, (LENGTH,), CLASSES, vocab_size=VOCAB)[0]  # a different architecture with a 2-block stack
+    with pytest.raises(CompressError, match=f"no longer has the {LAYERS}-block stack 'encoder.layers'"):
+        load_student(record, teacher=other)
 
 
 def test_every_other_student_through_the_cli_stages(cli, tok, tmp_path):
@@ -296,3 +299,25 @@ def test_seq_task_data_and_models(tmp_path):
         ref = teacher(torch.from_numpy(d["x_test"][:7])).numpy()
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": d["x_test"][:7]})[0]
     assert np.abs(ref - got).max() < 1e-4
+
+
+def test_quantize_falls_back_to_core_ops_and_says_what_stays_float(tok, tmp_path, monkeypatch):
+    import onnxruntime.quantization as oq
+
+    from compressor.export.quantize import get_recipe, preprocess, qdq_summary, quantize_static
+
+    real = oq.quantize_static
+
+    def flaky(*args, **kw):  # a recipe that cannot quantize some op: ORT raises unless limited to the core ops
+        if kw.get("op_types_to_quantize") is None:
+            raise RuntimeError("Gather: unsupported (simulated)")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(oq, "quantize_static", flaky)
+    pre, out = tmp_path / "pre.onnx", tmp_path / "int8.onnx"
+    preprocess(tok["onnx"], pre)
+    info = quantize_static(pre, out, get_recipe("tensorrt"), tok["x"][:32])
+    assert "Gather: unsupported (simulated)" in info["fallback"] and "rest stays float" in info["fallback"]
+    ops = qdq_summary(out)
+    assert ops["int8"].get("MatMul", 0) >= 1 and ops["float"].get("Gather") == 1  # the embedding lookup stayed float
+    assert qdq_summary(pre)["float"].get("Gather") == 1 and not qdq_summary(pre)["int8"]

@@ -105,7 +105,7 @@ def train_teacher(x: np.ndarray, y: np.ndarray, steps: int = 1500, batch: int = 
 
 
 def bag_of_tokens_accuracy(x, y, x_test, y_test) -> float:
-    """A linear classifier on token counts (no positions): how far a model gets without attention."""
+    """A small MLP on token counts (no positions): how far a model gets without relating positions."""
     import torch
     import torch.nn.functional as F
 

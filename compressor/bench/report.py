@@ -44,6 +44,10 @@ def build_report(run, models: list[dict]) -> dict:
     if int8 and fp32 and int8["latency_ms"]["p50"] > fp32["latency_ms"]["p50"]:
         notes.append(f"INT8 ({quant['recipe']}) is slower than FP32 on this host for this model "
                      f"({int8['latency_ms']['p50']:.3f} vs {fp32['latency_ms']['p50']:.3f} ms p50): ship FP32 for this CPU.")
+    if quant.get("ops_float") or quant.get("fallback"):  # ops the INT8 recipe could not quantize stay float: say which
+        left = ", ".join(f"{op} ×{n}" for op, n in (quant.get("ops_float") or {}).items())
+        notes.append(f"INT8 ({quant['recipe']}) leaves some operations in float" + (f": {left}" if left else "")
+                     + (f"; {quant['fallback']}" if quant.get("fallback") else "") + ".")
     if host.get("load_average_1m") and host["cpu_count"] and host["load_average_1m"] > host["cpu_count"]:
         notes.append(f"The machine was busy while benchmarking (load average {host['load_average_1m']} on {host['cpu_count']} cores): "
                      "latencies are likely inflated; rerun 'compress bench RUN --force' on a quiet machine.")

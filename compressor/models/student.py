@@ -166,6 +166,8 @@ _NOT_EAGER = {
     "torchscript": "a TorchScript module (compiled: its blocks cannot be copied and re-assembled)",
     "torch.export": "a torch.export program (a flattened graph without its module structure)",
     "onnx": "an ONNX model (run as a black box)",
+    "callable": "a black-box function (only its answers are known)",
+    "command": "a black-box command (only its answers are known)",
 }
 
 
