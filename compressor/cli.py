@@ -50,6 +50,10 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
 
 def _log_to(run_dir: Path) -> None:
     """Also keep a full log (tracebacks included) in the run directory."""
+    from ._io import is_writer
+
+    if not is_writer():  # under torchrun only rank 0 keeps the log, like every other file
+        return
     path = Path(run_dir) / "compress.log"
     if not path.parent.is_dir() or any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in log.handlers):
         return
