@@ -76,7 +76,7 @@ def test_search_records_distinct_trials_and_trains_the_student_with_the_best(sea
     assert all(set(t["params"]) == set(S.SPACE) for t in trials)
     assert len({json.dumps(t["params"], sort_keys=True) for t in trials}) == 3, "every trial tries different settings"
     # trial 0 is the config's own settings
-    assert trials[0]["params"] == {"loss": "kd", "temperature": 4.0, "alpha": 0.5, "logit_standardize": False, "lr": 3e-3, "augment": "none"}
+    assert trials[0]["params"] == {"loss": "dist", "temperature": 4.0, "alpha": 0.5, "logit_standardize": False, "lr": 3e-3, "augment": "none"}
     # the best is the highest validation accuracy (ties: the earlier trial)
     best = max(trials, key=lambda t: (t["val_accuracy"], -t["number"]))
     assert s["best"] == {"number": best["number"], "params": best["params"], "val_accuracy": best["val_accuracy"]}
@@ -219,7 +219,7 @@ def test_cli_flags_reach_the_config():
     d = _config_from(ctx.params).distill
     assert (d.loss, d.logit_standardize, d.search, d.search_steps) == ("dkd", False, 5, 300)
     d = _config_from(run_cmd.make_context("run", ["--logit-standardize"]).params).distill
-    assert (d.loss, d.logit_standardize, d.search, d.search_steps) == ("kd", True, 0, None)
+    assert (d.loss, d.logit_standardize, d.search, d.search_steps) == ("dist", True, 0, None)
 
 
 def test_cli_does_not_import_optuna():

@@ -245,7 +245,8 @@ def distill_blackbox(run, resume: bool) -> tuple[dict, dict]:
 
     dcfg = run.config.distill
     kind, k = check_settings(dcfg)
-    bad = _online_features(dcfg) + ([f"--loss {dcfg.loss}"] if dcfg.loss != "kd" else [])
+    # the flow picks its loss from the teacher's output kind (bbkd/topk/pseudo); the default dist or kd both mean "that"
+    bad = _online_features(dcfg) + ([f"--loss {dcfg.loss}"] if dcfg.loss not in ("kd", "dist") else [])
     if bad:
         raise CompressError(f"{', '.join(bad)} cannot be combined with a black-box teacher flow (--teacher-output {dcfg.teacher_output}"
                             f"{', --query-budget ' + str(dcfg.query_budget) if dcfg.query_budget else ''})",

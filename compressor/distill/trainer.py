@@ -2,6 +2,7 @@
 gradient clipping, seeded batch order, validation-based best checkpoint, resumable checkpoints."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import signal
@@ -48,12 +49,17 @@ def budget_steps(cfg: DistillConfig, pool_rows: int) -> int:
     return max(cfg.min_steps, math.ceil(cfg.epochs * pool_rows / cfg.batch_size))
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    # computed once per epoch, not per step: on a 40,000-row pool a fresh permutation costs as much as a tiny model's step
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 def _batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
     """Rows for a given step: a seeded permutation per epoch, so a resumed run sees the same batches."""
     per_epoch = math.ceil(n / batch_size)
     epoch, pos = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[pos * batch_size:(pos + 1) * batch_size]
+    return _epoch_permutation(n, seed, epoch)[pos * batch_size:(pos + 1) * batch_size]
 
 
 def _accuracy(module, x, y, device, batch_size=2048) -> float:
