@@ -42,6 +42,8 @@ CASES = {
     "mnist1d-1k": dict(kind="mnist1d", labels=1000, steps=4000),
     "mnist1d-4k": dict(kind="mnist1d", labels=4000, steps=4000),
     "mnist1d-16k": dict(kind="mnist1d", labels=16000, steps=4000),
+    # the same 4k case with the tool's own default student (3,274 parameters, 7.4% of the teacher)
+    "mnist1d-4k-builtin": dict(kind="mnist1d", labels=4000, steps=4000, student="builtin"),
     "digits-10%": dict(kind="digits", steps=1500),
     "seq": dict(kind="seq", steps=5000),  # transformer students from scratch need ~1,000 steps to leave the 21% plateau
 }
@@ -65,7 +67,8 @@ def prepare(case: str, work: Path) -> dict:
             torch.onnx.export(ts, (torch.zeros(2, 40),), str(onnx), input_names=["input"], output_names=["logits"],
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
         return dict(teacher=str(DEMO_TEACHER), eager=str(sd), arch=SIGNAL_ARCH, onnx=str(onnx), data="mnist1d",
-                    mnist1d_labels=spec["labels"], student=SIGNAL_STUDENT, hint="features.5=features.11")
+                    mnist1d_labels=spec["labels"], student=None if spec.get("student") == "builtin" else SIGNAL_STUDENT,
+                    hint=None if spec.get("student") == "builtin" else "features.5=features.11")
     if spec["kind"] == "digits":
         return _prepare_digits(work)
     return _prepare_seq(work)
@@ -214,7 +217,20 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work" / "distill")
     ap.add_argument("--out", default="distill", help="results name under benchmarks/results/")
+    ap.add_argument("--merge", help="comma-separated result names to combine into --out without running anything")
     args = ap.parse_args()
+    if args.merge:
+        from compressor._io import write_json, write_text
+
+        parts = [json.loads((RESULTS / f"{n}.json").read_text()) for n in args.merge.split(",")]
+        rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: (list(CASES).index(r["case"]), list(METHODS).index(r["method"]), r["seed"]))
+        write_json(RESULTS / f"{args.out}.json", {"host": parts[0]["host"], "cases": CASES, "methods": METHODS, "rows": rows,
+                                                  "merged_from": args.merge.split(",")})
+        write_text(RESULTS / f"{args.out}.md", "# Distillation benchmark\n\nCommands: " + "; ".join(
+            f"`python benchmarks/distill/run.py --cases {','.join(sorted({r['case'] for r in p['rows']}, key=list(CASES).index))}`" for p in parts)
+            + f"\n\nHeld-out accuracy (%), mean ± std over seeds:\n\n{render(rows)}")
+        print(render(rows))
+        return
     cases, methods = args.cases.split(","), args.methods.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     os.environ.setdefault("COMPRESSOR_CACHE", str(args.work / "cache"))
