@@ -201,13 +201,16 @@ def run_cmd(**kw):
 @pipeline_options
 def distill_cmd(**kw):
     """Train the student from the teacher (stage 1)."""
+    if os.environ.get("RANK", "0") != "0":
+        _setup_logging(quiet=True, debug=False)  # `torchrun -m compressor distill …`: one voice, rank 0's
     from .api import distill
 
     _check_target(kw["target"])
     out = kw["out"] or _default_out()
     _log_to_after_create(out)
     run = distill(_config_from(kw), out, force=kw["force"], resume=kw["resume"])
-    click.echo(f"student: {run.dir / 'student.pt'}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+        click.echo(f"student: {run.dir / 'student.pt'}")
 
 
 @cli.command("distill-worker", hidden=True)

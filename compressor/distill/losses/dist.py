@@ -2,6 +2,8 @@
 inter-class (each row's class ranking) and intra-class (each class's scores across the batch)."""
 from __future__ import annotations
 
+import warnings
+
 from . import mix_with_labels, register
 
 
@@ -26,7 +28,9 @@ def _whole_batch(t):
     dist.all_gather(sizes, n)
     most = int(max(int(s) for s in sizes))
     padded = torch.cat([t, t.new_zeros((most - t.shape[0], *t.shape[1:]))]) if t.shape[0] < most else t
-    parts = all_gather(padded)
+    with warnings.catch_warnings():  # its successor lives in a private module; this public one still works
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = all_gather(padded)
     return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)])
 
 
