@@ -83,6 +83,9 @@ def build_report(run, models: list[dict]) -> dict:
                      f"in {bench_teacher.calls:,} calls (held-out accuracy and latency).")
     if distill.get("search"):  # --search: every trial and the settings the student was trained with
         rep["search"] = {k: v for k, v in distill["search"].items() if k in SEARCH_KEYS}
+        best = rep["search"]["best"]
+        notes.append(f"configs.distill holds the settings asked for; --search trained the student with trial {best['number']}'s: "
+                     + ", ".join(f"{k}={_fmt_param(v)}" for k, v in best["params"].items()) + ".")
     return validate_report(rep)
 
 
