@@ -129,7 +129,8 @@ def _distill(run: Run, resume: bool) -> tuple[dict, dict]:
         results[name] = {"loss": loss, "val_accuracy": res.best_val_accuracy, "best_step": res.best_step, "steps": res.steps,
                          "seconds": round(res.seconds, 2), "steps_per_second": round(res.steps / max(res.seconds, 1e-9), 2),
                          "resumed_from_step": res.resumed_from, "train_rows": int(len(rows)), "history": res.history}
-    results["teacher_pass_seconds"] = round(teacher_seconds, 2)
+    results["teacher_pass_seconds"] = round(teacher_seconds or 0.0, 3)
+    results["teacher_pass"] = "online" if online else "cached" if teacher_seconds is None else "computed"
     results["teacher_online"] = online
     results.update(student_record=record, num_classes=num_classes, val_rows=int(len(val)), params=int(sum(p.numel() for p in student.parameters())),
                    teacher_params=teacher_params, teacher_format=teacher.format, data=ds.summary())
@@ -148,11 +149,14 @@ def _teacher_pool_logits(run: Run, teacher, ds, dcfg) -> tuple[np.ndarray, float
     from ._io import atomic_path, write_text
     from .distill.trainer import pick_device
 
+    from ._io import sha256_json
+
     cache = run.path("cache/teacher_pool_logits.npy")
-    key = run.fingerprint("distill")
+    # the outputs depend on the teacher and the data only: a rerun with another loss, T or schedule reuses them
+    key = sha256_json([run.manifest["inputs"], run.config.data.to_dict()])
     key_file = cache.with_suffix(".key")
     if cache.exists() and key_file.exists() and key_file.read_text() == key:
-        return np.load(cache, mmap_mode="r"), 0.0
+        return np.load(cache, mmap_mode="r"), None
     _say(f"distill: running the teacher ({teacher.format}) on {len(ds.x)} training rows")
     t0 = time.perf_counter()
     pool_logits = teacher.to(pick_device(dcfg.device)).logits(ds.x, batch_size=4 * dcfg.batch_size)

@@ -178,3 +178,13 @@ def test_resume_with_dropout_and_augmentation_matches_an_uninterrupted_run(tiny,
     assert res.resumed_from == 30
     a, b = full.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_teacher_pass_is_cached_across_losses(tiny, tmp_path):
+    """The pool's teacher outputs depend on teacher and data only: a rerun with another loss does not pay for them."""
+    out = tmp_path / "run"
+    first = api.distill(_cfg(tiny, tiny.torchscript, loss="kd", steps=20), out)
+    assert first.stage("distill")["result"]["teacher_pass"] == "computed"
+    again = api.distill(_cfg(tiny, tiny.torchscript, loss="dist", steps=20), out)
+    res = again.stage("distill")["result"]
+    assert res["student"]["loss"] == "dist" and res["teacher_pass"] == "cached"
