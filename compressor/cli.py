@@ -3,7 +3,6 @@ Heavy libraries (torch, onnxruntime) are imported only when a command runs, so -
 from __future__ import annotations
 
 import logging
-import os
 import shlex
 import signal
 import sys
@@ -201,7 +200,9 @@ def run_cmd(**kw):
 @pipeline_options
 def distill_cmd(**kw):
     """Train the student from the teacher (stage 1)."""
-    if os.environ.get("RANK", "0") != "0":
+    from ._io import is_writer
+
+    if not is_writer():
         _setup_logging(quiet=True, debug=False)  # `torchrun -m compressor distill …`: one voice, rank 0's
     from .api import distill
 
@@ -209,7 +210,7 @@ def distill_cmd(**kw):
     out = kw["out"] or _default_out()
     _log_to_after_create(out)
     run = distill(_config_from(kw), out, force=kw["force"], resume=kw["resume"])
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+    if is_writer():  # under torchrun, rank 0 speaks for the job
         click.echo(f"student: {run.dir / 'student.pt'}")
 
 
@@ -221,7 +222,9 @@ def distill_worker_cmd(run_dir, resume):
     from .api import distill
     from .run import Run
 
-    if os.environ.get("RANK", "0") != "0":
+    from ._io import is_writer
+
+    if not is_writer():
         _setup_logging(quiet=True, debug=False)  # one voice: rank 0 speaks for the job
     else:
         _log_to(run_dir)

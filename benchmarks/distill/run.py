@@ -54,6 +54,8 @@ def prepare(case: str, work: Path) -> dict:
     """Data and teacher files for a case (made once, in the work folder): teacher forms, data, student spec."""
     import torch
 
+    from compressor.export.onnx_io import export_onnx
+
     spec = CASES[case]
     work.mkdir(parents=True, exist_ok=True)
     if spec["kind"] == "mnist1d":
@@ -64,8 +66,7 @@ def prepare(case: str, work: Path) -> dict:
         onnx = work / "mnist1d_teacher.onnx"
         if not sd.exists():
             torch.save(ts.state_dict(), sd)
-            torch.onnx.export(ts, (torch.zeros(2, 40),), str(onnx), input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+            export_onnx(ts, np.zeros((2, 40), np.float32), onnx, 17)
         return dict(teacher=str(DEMO_TEACHER), eager=str(sd), arch=SIGNAL_ARCH, onnx=str(onnx), data="mnist1d",
                     mnist1d_labels=spec["labels"], student=None if spec.get("student") == "builtin" else SIGNAL_STUDENT,
                     hint=None if spec.get("student") == "builtin" else "features.5=features.11")
@@ -74,16 +75,11 @@ def prepare(case: str, work: Path) -> dict:
     return _prepare_seq(work)
 
 
-def _export_onnx(module, sample, path: Path) -> None:
-    import torch
-
-    torch.onnx.export(module.eval(), (sample,), str(path), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
-
-
 def _prepare_digits(work: Path) -> dict:
     """scikit-learn's 8×8 digits: 80% pool (10% of it labeled), 20% held out; a CNN teacher trained on the pool's labels."""
     import torch
+
+    from compressor.export.onnx_io import export_onnx
 
     sys.path.insert(0, str(HERE))
     from digits_models import build_teacher, train
@@ -102,7 +98,7 @@ def _prepare_digits(work: Path) -> dict:
         yp[np.random.default_rng(1).permutation(len(pool))[int(0.1 * len(pool)):]] = -1  # keep 10% of the labels
         np.savez(npz, x=x[pool], y=yp, x_test=x[test], y_test=y[test])
         torch.save(teacher.state_dict(), sd)
-        _export_onnx(teacher, torch.from_numpy(x[:2]), onnx)
+        export_onnx(teacher, x[:2], onnx, 17)
     arch = f"{HERE / 'digits_models.py'}:build_teacher"
     return dict(teacher=str(sd), arch=arch, eager=str(sd), onnx=str(onnx), data=str(npz), student=None, hint="5=features.5")
 
@@ -163,9 +159,8 @@ def run_one(case: str, method: str, seed: int, prep: dict, work: Path) -> dict:
             row[f"{name}_acc"] = float((pred == ds.y_test).mean())
             row[f"{name}_train_s"] = res[name]["seconds"]
             row[f"{name}_steps_per_s"] = round(res[name]["steps"] / max(res[name]["seconds"], 1e-9), 1)
-    for k in ("teacher_calls", "queries", "blackbox"):
-        if k in res:
-            row[k] = res[k]
+    if "teacher_queries" in res:  # black-box flow: rows and calls the teacher answered
+        row["teacher_rows"], row["teacher_calls"] = res["teacher_queries"]["rows"], res["teacher_queries"]["calls"]
     if "teacher_acc" not in row:
         t = run.teacher
         row["teacher_acc"] = float((t.logits(ds.x_test).argmax(1) == ds.y_test).mean())

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -147,7 +146,7 @@ def search(trial_fn: Callable[[int, dict, Callable[[int, float], None]], float],
     records = list(done)
 
     def save():
-        if state_path is not None and int(os.environ.get("RANK", 0)) == 0:  # under torchrun every rank searches; one writes
+        if state_path is not None:  # under torchrun every rank searches; write_json writes on rank 0 only
             write_json(state_path, {"version": STATE_VERSION, "key": key, "seed": seed, "n_trials": n_trials, "trials": records})
 
     # the first half of the trials (at least 2, counting trial 0; at most 10, Optuna's default) sample at random,
