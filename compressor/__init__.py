@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-_API = {"compress", "distill", "export", "quantize", "bench", "report"}
+_API = {"compress", "distill", "export", "quantize", "bench", "report", "bundle"}
 _CONFIGS = {"CompressConfig", "DataConfig", "DistillConfig", "ExportConfig", "QuantizeConfig", "BenchConfig"}
 
 from .errors import CompressError  # noqa: E402  (light: no third-party imports)

@@ -346,17 +346,30 @@ def bench(run_dir: str | Path, config: BenchConfig | None = None, *, force: bool
     return rep
 
 
-def report(run_dir: str | Path) -> dict:
-    """Render report.md from the run's report.json (validated) and return the report."""
+def report(run_dir: str | Path, merge: str | Path | None = None) -> dict:
+    """Render report.md from the run's report.json (validated) and return the report; merge folds in a device's report.json."""
     from ._io import write_text
     from .bench.report import load_report, render_markdown
 
     run = Run.open(run_dir)
+    if merge is not None:
+        from .bundle import merge_device_report
+
+        merge_device_report(run.dir, merge)
     rep = load_report(run.path("report.json"))
     write_text(run.path("report.md"), render_markdown(rep))
     run.begin("report")
     run.finish("report", {"markdown": "report.md"}, {})
     return rep
+
+
+def bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bool = False) -> dict:
+    """Write the Jetson deploy bundle (ONNX files, manifest, build_engine.sh, run_on_device.py, held-out rows) and its .tar.gz."""
+    from .bundle import make_bundle
+
+    info = make_bundle(run_dir, out, force=force)
+    _say(f"bundle: {info['dir']} and {info['tarball']}")
+    return info
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from .config import BenchConfig, CompressConfig, DataConfig, DistillConfig, Expo
 from .errors import EXIT_BUG, EXIT_INTERRUPTED, CompressError
 
 log = logging.getLogger("compressor")
-STAGE_COMMANDS = ("distill", "export", "quantize", "bench", "report", "targets", "run")
+STAGE_COMMANDS = ("distill", "export", "quantize", "bench", "report", "bundle", "targets", "run")
 
 
 class _DefaultToRun(click.Group):
@@ -300,13 +300,29 @@ def bench_cmd(run_dir, threads, min_runs, min_duration_s, force):
 
 @cli.command("report")
 @run_dir_arg
-def report_cmd(run_dir):
+@click.option("--merge", "merge", type=click.Path(path_type=Path), help="Fold a device's report.json (written by the bundle's run_on_device.py) into the run's report first.")
+def report_cmd(run_dir, merge):
     """Re-render report.md and the terminal table from report.json (stage 5)."""
     from .api import report
     from .bench.report import print_table
 
-    print_table(report(run_dir))
+    print_table(report(run_dir, merge=merge))
     click.echo(f"report: {Path(run_dir) / 'report.md'}")
+
+
+@cli.command("bundle")
+@run_dir_arg
+@click.option("--out", type=click.Path(path_type=Path), help="Bundle folder (default: RUN_DIR/bundle-<target>); the .tar.gz is written beside it.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle folder and tarball.")
+def bundle_cmd(run_dir, out, force):
+    """Write a deploy bundle for the TensorRT target: ONNX files, manifest, build_engine.sh, run_on_device.py."""
+    from .api import bundle
+
+    _log_to(run_dir)
+    info = bundle(run_dir, out, force=force)
+    click.echo(f"bundle: {info['dir']}\ntarball: {info['tarball']}\n"
+               f"on the device: bash build_engine.sh && python3 run_on_device.py; "
+               f"then here: compress report {run_dir} --merge report.json")
 
 
 @cli.command("targets")

@@ -138,10 +138,12 @@ def _table_rows(rep: dict, runtime: bool = True) -> list[list[str]]:
     rows = []
     for m in rep["models"]:
         lat = m["latency_ms"]
+        # a row measured on the device (merged from its report) is not compared with the teacher's host latency
+        same_machine = m.get("latency_measured_on", "host") == teacher.get("latency_measured_on", "host")
         rows.append([
             m["name"], f"{m['format']} {m['precision']}", *([m["runtime"]] if runtime else []), f"{m['accuracy'] * 100:.2f}",
             f"{m['agreement'] * 100:.2f}", f"{lat['p50']:.3f}", f"{lat['p99']:.3f}",
-            f"{m['params']:,}", f"{m['size_bytes'] / 1024:.1f}", f"{teacher['latency_ms']['p50'] / lat['p50']:.2f}x" if lat["p50"] else "-",
+            f"{m['params']:,}", f"{m['size_bytes'] / 1024:.1f}", f"{teacher['latency_ms']['p50'] / lat['p50']:.2f}x" if lat["p50"] and same_machine else "-",
         ])
     return rows
 

@@ -1,0 +1,329 @@
+"""The Jetson deploy bundle: everything a TensorRT device needs to build, check and time the student, and the
+merge of the report it writes back into the run's report.
+
+A bundle is a folder (and the same files as a .tar.gz beside it):
+  student.int8.onnx, student.onnx   the Q/DQ INT8 and FP32 graphs; engines are built on the device, never shipped
+  manifest.json                     input/output, preprocessing, classes, host accuracy, engines and their flags,
+                                    versions, and the sha256 and size of every other file (bundle.schema.json)
+  SHA256SUMS                        the same checksums (and manifest.json's) for `sha256sum -c`
+  build_engine.sh                   trtexec with the flags that fit the target's TensorRT version
+  run_on_device.py                  accuracy on heldout.npz and batch-1 latency on the device; writes report.json
+  latency.py, trt_core.py           compressor's latency methodology and TensorRT code, verbatim
+  heldout.npz                       up to 1,000 held-out rows: x, y and the teacher's predictions
+"""
+from __future__ import annotations
+
+import io
+import os
+import shlex
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, schemas
+from ._io import atomic_path, ensure_dir, sha256_file, write_bytes, write_json, write_text
+from .errors import CompressError
+from .run import Run, now
+
+BUNDLE_SCHEMA_VERSION = 1
+HELDOUT_ROWS = 1000
+BATCH = {"min": 1, "opt": 1, "max": 32}  # the engines' dynamic batch range (build_engine.sh: MAX_BATCH=… overrides max)
+_PKG = Path(__file__).resolve().parent
+VERBATIM = {"latency.py": _PKG / "bench" / "latency.py", "trt_core.py": _PKG / "runtime" / "trt_core.py",
+            "run_on_device.py": _PKG / "deploy" / "run_on_device.py"}
+
+
+def validate_manifest(manifest: dict, where: str = "bundle manifest") -> dict:
+    return schemas.validate(manifest, "bundle", f"{where} (bundle schema version {BUNDLE_SCHEMA_VERSION})")
+
+
+def _done(run: Run, stage: str, what: str) -> dict:
+    st = run.manifest["stages"].get(stage)
+    if not st or st.get("status") != "done":
+        raise CompressError(f"compress bundle needs {what}, but stage '{stage}' has not finished in {run.dir}",
+                            hint=f"run 'compress {stage} {run.dir}' first")
+    return st
+
+
+def _onnx_io(path: Path) -> tuple[dict, dict]:
+    """The graph's first input and output: name, shape ('batch' for the dynamic axis) and dtype."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def info(v):
+        t = v.type.tensor_type
+        dims = list(t.shape.dim)
+        if not dims or dims[0].HasField("dim_value"):
+            raise CompressError(f"{path.name}: '{v.name}' has no dynamic batch axis (shape {[d.dim_value or d.dim_param for d in dims]})",
+                                hint="rerun 'compress export RUN --force': the export makes dimension 0 dynamic")
+        shape = ["batch", *(int(d.dim_value) if d.HasField("dim_value") else d.dim_param or "?" for d in dims[1:])]
+        return {"name": v.name, "shape": shape, "dtype": str(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))}
+
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in inits]
+    return info(inputs[0]), info(model.graph.output[0])
+
+
+def _preprocessing(run: Run, ds) -> dict:
+    cfg = run.config.data
+    src = cfg.source
+    kind = "mnist1d" if src == "mnist1d" else "image_folder" if Path(src).is_dir() else "npz"
+    out = {"source": kind, "dtype": str(ds.x.dtype), "mean": cfg.mean, "std": cfg.std, "image_size": None, "channels": None}
+    if kind == "image_folder":
+        c, h, w = ds.input_shape
+        out.update(image_size=[h, w], channels=c, layout="NCHW", steps=[
+            f"convert to {'grayscale (L)' if c == 1 else 'RGB'}", f"resize to {h}x{w} (bilinear) if needed", "scale pixels to [0, 1] (divide by 255)",
+            *(["subtract mean, divide by std (per channel)"] if cfg.mean is not None or cfg.std is not None else [])])
+    else:
+        out.update(layout="rows as stored", steps=["none: rows go in exactly as stored in the training data; prepare device inputs the same way"])
+    return out
+
+
+def _sample(ds, n: int) -> np.ndarray:
+    """Indices of up to n held-out rows: a seeded random sample, in order."""
+    if len(ds.y_test) <= n:
+        return np.arange(len(ds.y_test))
+    return np.sort(np.random.default_rng(0).choice(len(ds.y_test), n, replace=False))
+
+
+def build_engine_script(target: dict, engines: list[dict], input_info: dict, batch: dict = BATCH) -> str:
+    """build_engine.sh: verify the checksums, then one trtexec call per engine with the flags of the target's TensorRT."""
+    version = target["runtime"]["version"]
+    rest = "x".join(str(d) for d in input_info["shape"][1:])
+    name = input_info["name"]
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# Build this bundle's TensorRT engines on the device: {target['description']}, TensorRT {version}.",
+        "# Engines only load on the GPU model and TensorRT version that built them, so build them here, on the target.",
+        "# MAX_BATCH=64 bash build_engine.sh raises the largest batch; TRTEXEC=/path/to/trtexec names trtexec.",
+        "set -euo pipefail",
+        'cd "$(dirname "$0")"',
+        "",
+        "sha256sum -c --quiet SHA256SUMS  # stop before building from a damaged or edited file",
+        "",
+        'TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"',
+        'if [ ! -x "$TRTEXEC" ]; then',
+        '  echo "error: trtexec not found (JetPack installs it as /usr/src/tensorrt/bin/trtexec; or set TRTEXEC=...)" >&2',
+        "  exit 2",
+        "fi",
+        f'MAX_BATCH="${{MAX_BATCH:-{batch["max"]}}}"',
+        'found="$(python3 -c \'import tensorrt; print(tensorrt.__version__)\' 2>/dev/null || true)"',
+        'case "$found" in',
+        f'  ""|{version}|{version}.*) ;;',
+        f'  *) echo "warning: these flags are for TensorRT {version}; this device has TensorRT $found" >&2 ;;',
+        "esac",
+    ]
+    for e in engines:
+        shapes = [f"--minShapes={name}:{batch['min']}x{rest}", f"--optShapes={name}:{batch['opt']}x{rest}",
+                  f"--maxShapes={name}:${{MAX_BATCH}}x{rest}"]
+        args = [f"--onnx={e['onnx']}", f"--saveEngine={e['engine']}", *e["trtexec_flags"], *shapes]
+        lines += ["", f"# {e['name']}: {e['description']}", 'echo "building ' + e["engine"] + '"',
+                  '"$TRTEXEC" ' + " ".join(shlex.quote(a) if "$" not in a else f'"{a}"' for a in args)]
+    lines += ["", 'echo "engines built; next: python3 run_on_device.py"', ""]
+    return "\n".join(lines)
+
+
+def _engines(target: dict) -> list[dict]:
+    """The engines to build on the device and their flags, planned for the target profile's TensorRT version."""
+    from .export.tensorrt import plan_flags
+
+    version = target["runtime"]["version"]
+    wanted = [("int8", "student.int8.onnx", "int8", "int8", "INT8 from the Q/DQ graph (explicit quantization, no calibrator)"),
+              ("fp32", "student.onnx", "fp32", "fp32", "FP32 from the FP32 graph")]
+    from .runtime.trt_core import parse_version
+
+    if parse_version(version)[0] < 11:  # TensorRT 11 has no FP16 flag: an FP16 engine would need an FP16 graph
+        wanted.insert(1, ("fp16", "student.onnx", "fp16", "fp32", "FP16 from the FP32 graph (TensorRT 10.x's FP16 builder flag)"))
+    out = []
+    for name, onnx_file, precision, graph, desc in wanted:
+        plan = plan_flags(precision, graph, profile_version=version)
+        out.append({"name": name, "onnx": onnx_file, "engine": f"student.{name}.engine", "precision": precision, "graph": graph, "description": desc,
+                    "strongly_typed": plan["strongly_typed"], "builder_flags": plan["builder_flags"], "trtexec_flags": plan["trtexec"]})
+    return out
+
+
+def make_bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bool = False, heldout_rows: int = HELDOUT_ROWS) -> dict:
+    """Write the deploy bundle folder and its .tar.gz; returns the bundle's manifest (with 'dir' and 'tarball' added)."""
+    from .bench.host import _version
+    from .bench.report import load_report
+    from .export.onnx_io import make_session, run_session
+    from .export.tensorrt import graph_precision
+    from .runtime import TeacherRunner, infer_batched
+
+    run = Run.open(run_dir)
+    target = run.target
+    if target["runtime"]["name"] != "tensorrt":
+        raise CompressError(f"the run's target '{target['name']}' runs {target['runtime']['name']}, not TensorRT: a deploy bundle is for TensorRT devices",
+                            hint="make the run with a TensorRT target, e.g. --target jetson")
+    if not target["runtime"].get("version"):
+        raise CompressError(f"target profile '{target['name']}' names no TensorRT version (runtime.version)", hint="add runtime.version, e.g. \"10.3\", to the profile")
+    _done(run, "export", "the FP32 ONNX model")
+    quant = _done(run, "quantize", "the INT8 Q/DQ model")
+    if not run.path("report.json").is_file():
+        raise CompressError(f"compress bundle needs the run's report.json (the host accuracy of each ONNX model), which {run.dir} lacks",
+                            hint=f"run 'compress bench {run.dir}' first")
+    report = load_report(run.path("report.json"))
+    onnx_files = {"student.int8.onnx": run.path(quant["outputs"]["onnx_int8"]),
+                  "student.onnx": run.path(run.stage("export")["outputs"]["onnx_fp32"])}
+    for name, p in onnx_files.items():
+        if not p.is_file():
+            raise CompressError(f"{p} is missing from the run", hint=f"rerun 'compress {'quantize' if 'int8' in name else 'export'} {run.dir} --force'")
+    if graph_precision(onnx_files["student.int8.onnx"]) != "int8":
+        raise CompressError(f"{onnx_files['student.int8.onnx']} has no Q/DQ nodes, so TensorRT cannot build an INT8 engine from it",
+                            hint=f"rerun 'compress quantize {run.dir} --force'")
+
+    out = Path(out) if out else run.dir / f"bundle-{target['name']}"
+    tarball = out.with_name(out.name + ".tar.gz")
+    if (out.exists() or tarball.exists()) and not force:
+        raise CompressError(f"{out if out.exists() else tarball} already exists", hint="pass --force to replace it, or --out another folder")
+
+    # the held-out sample, the teacher's answers on it, and each ONNX model's accuracy on it here on the host
+    ds = run.data
+    idx = _sample(ds, heldout_rows)
+    x, y = np.ascontiguousarray(ds.x_test[idx]), np.asarray(ds.y_test[idx], np.int64)
+    distill = run.stage("distill")["result"]
+    with TeacherRunner(run.teacher, 1, num_classes=distill.get("num_classes")) as t:
+        teacher_pred = infer_batched(t, x, 256).argmax(1).astype(np.int64)
+    by_path = {m["path"]: m for m in report["models"] if m.get("latency_measured_on", "host") == "host"}
+    onnx_info = {}
+    for name, p in onnx_files.items():
+        pred = run_session(make_session(p), x).argmax(1)
+        row = by_path.get(os.path.relpath(p, run.dir), {})
+        onnx_info[name] = {"precision": "int8" if "int8" in name else "fp32", "params": int(distill["params"]),
+                           "host_accuracy": row.get("accuracy"), "host_heldout_rows": int(report["data"]["heldout"]),
+                           "host_accuracy_bundled_rows": float(np.mean(pred == y)), "host_agreement_bundled_rows": float(np.mean(pred == teacher_pred))}
+    onnx_info["student.int8.onnx"]["recipe"] = quant["result"]["recipe"]
+    input_info, output_info = _onnx_io(onnx_files["student.onnx"])
+    engines = _engines(target)
+    classes = ds.class_names if ds.class_names else list(range(int(distill["num_classes"])))
+    cfg = run.config.bench
+    manifest = {
+        "schema_version": BUNDLE_SCHEMA_VERSION,
+        "created": now(),
+        "bundle": out.name,
+        "run": {"dir": str(run.dir.resolve()), "created": run.manifest["created"], "report_created": report["created"]},
+        "target": {"name": target["name"], "description": target["description"], "kind": target["kind"], "runtime": "tensorrt",
+                   "tensorrt_version": str(target["runtime"]["version"]), "platform": target["runtime"].get("platform")},
+        "input": input_info,
+        "output": output_info,
+        "preprocessing": _preprocessing(run, ds),
+        "classes": {"names": classes, "kind": "names" if ds.class_names else "indices"},
+        "onnx": onnx_info,
+        "engines": engines,
+        "batch": dict(BATCH),
+        "heldout": {"file": "heldout.npz", "rows": int(len(idx)), "of": int(len(ds.y_test)), "selection": "seeded random sample (seed 0), in order" if len(idx) < len(ds.y_test) else "all",
+                    "arrays": ["x", "y", "teacher_pred", "index"], "data": dict(report["data"])},
+        "bench": {"batch_size": cfg.batch_size, "threads": cfg.threads, "warmup_ms": cfg.warmup_ms, "warmup_runs": cfg.warmup_runs,
+                  "min_runs": cfg.min_runs, "min_duration_s": cfg.min_duration_s},
+        "versions": {"compressor": __version__, **{p: v for p in ("torch", "onnx", "onnxruntime", "numpy") if (v := _version(p))}},
+        "files": {},
+    }
+
+    ensure_dir(out.parent)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        for name, p in onnx_files.items():
+            write_bytes(stage / name, p.read_bytes())
+        for name, src in VERBATIM.items():
+            write_bytes(stage / name, src.read_bytes())
+        buf = io.BytesIO()
+        np.savez(buf, x=x, y=y, teacher_pred=teacher_pred, index=idx.astype(np.int64))
+        write_bytes(stage / "heldout.npz", buf.getvalue())
+        write_text(stage / "build_engine.sh", build_engine_script(target, engines, input_info))
+        write_text(stage / "README.md", _readme(manifest))
+        for f in sorted(stage.iterdir()):
+            manifest["files"][f.name] = {"sha256": sha256_file(f), "size_bytes": f.stat().st_size}
+        validate_manifest(manifest)
+        write_json(stage / "manifest.json", manifest)
+        sums = {**{k: v["sha256"] for k, v in manifest["files"].items()}, "manifest.json": sha256_file(stage / "manifest.json")}
+        write_text(stage / "SHA256SUMS", "".join(f"{h}  {n}\n" for n, h in sorted(sums.items())))
+        for f in ("build_engine.sh", "run_on_device.py"):
+            os.chmod(stage / f, 0o755)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes 0700; give the folder the usual permissions
+        _replace_dir(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    _write_tarball(out, tarball)
+    return {**manifest, "dir": str(out), "tarball": str(tarball)}
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Put the finished folder under its final name; an old one (--force) is moved aside first, then removed."""
+    old = None
+    if final.exists():
+        if not final.is_dir():
+            raise CompressError(f"{final} exists and is not a folder", hint="pass another --out")
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(new, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_tarball(folder: Path, tarball: Path) -> None:
+    with atomic_path(tarball) as tmp:
+        with tarfile.open(tmp, "w:gz") as tar:
+            for f in sorted(folder.iterdir()):
+                tar.add(f, arcname=f"{folder.name}/{f.name}", recursive=False)
+
+
+def _readme(m: dict) -> str:
+    t = m["target"]
+    return "\n".join([
+        f"# Deploy bundle for {t['description']} (TensorRT {t['tensorrt_version']})", "",
+        "On the device:", "",
+        "    bash build_engine.sh          # checks every file (sha256sum -c SHA256SUMS), then builds the engines with trtexec",
+        "    python3 run_on_device.py      # accuracy on heldout.npz and batch-1 latency; writes report.json", "",
+        "run_on_device.py needs numpy, tensorrt and cuda-python (or a CUDA build of torch); without the engines it builds them",
+        "itself. `python3 run_on_device.py --runtime onnxruntime` runs the ONNX files on the CPU instead.", "",
+        "Back on the host:", "", "    compress report RUN_DIR --merge report.json", "",
+        f"Input '{m['input']['name']}': {m['input']['dtype']}, shape {m['input']['shape']} (dimension 0 is the batch).",
+        "manifest.json lists the preprocessing, the classes, the host accuracy of each ONNX model and every file's sha256.", ""])
+
+
+# --- merging a device report back into the run -----------------------------------------------------------
+def merge_device_report(run_dir: str | Path, device_report: str | Path) -> dict:
+    """Fold the rows of run_on_device.py's report.json into the run's report.json (both validated); returns the merged report."""
+    from .bench.report import load_report, validate_report
+
+    run = Run.open(run_dir)
+    rep = load_report(run.path("report.json"))
+    path = Path(device_report)
+    dev = load_report(path)
+    if dev["target"]["latency_measured_on"] != "target" or "bundle" not in dev:
+        raise CompressError(f"{path} is not a device report (run_on_device.py writes one)", hint="pass the report.json that run_on_device.py wrote on the device")
+    for name, digest in dev["bundle"].get("onnx_sha256", {}).items():
+        ours = {"student.int8.onnx": "onnx_int8", "student.onnx": "onnx_fp32"}.get(name)
+        stage = run.manifest["stages"].get("quantize" if ours == "onnx_int8" else "export", {})
+        local = run.path(stage.get("outputs", {}).get(ours, name))
+        if not local.is_file() or sha256_file(local) != digest:
+            raise CompressError(f"{path} measured a different {name} than this run's",
+                                hint=f"make a new bundle ('compress bundle {run.dir} --force') and run it on the device again")
+    where = dev["host"].get("board") or dev["host"].get("gpu") or dev["host"]["cpu"]
+    source = {"report": path.name, "created": dev["created"], "hostname": dev["host"].get("hostname"), "target": dev["target"]["name"],
+              "runtime": dev["target"]["runtime"]}
+    key = (source["target"], source["hostname"], source["runtime"])
+    # a newer report from the same device, target and runtime replaces the rows an earlier merge added
+    kept = [m for m in rep["models"] if not (m.get("merged_from") and
+                                             (m["merged_from"]["target"], m["merged_from"]["hostname"], m["merged_from"]["runtime"]) == key)]
+    added = []
+    for m in dev["models"]:
+        row = dict(m)
+        row.update(name=f"{m['name']} (on {dev['target']['name']})", latency_measured_on="target", merged_from=source,
+                   path=f"{dev['bundle'].get('name', 'bundle')}/{m['path']}", device=f"{m['device']}: {where}")
+        added.append(row)
+    rep["models"] = kept + added
+    note = (f"Rows marked '(on {dev['target']['name']})' were measured on the device ({where}) with {dev['target']['runtime']} by run_on_device.py "
+            f"({dev['created']}, merged from {path.name}); their accuracy is on the {dev['data']['heldout']} held-out rows shipped in the bundle"
+            + (f", not on all {rep['data']['heldout']}." if dev["data"]["heldout"] < rep["data"]["heldout"] else " (all of them)."))
+    rep["notes"] = [n for n in rep.get("notes", []) if not n.startswith(f"Rows marked '(on {dev['target']['name']})'")] + [note]
+    validate_report(rep, f"{run.path('report.json')} merged with {path}")
+    write_json(run.path("report.json"), rep)
+    return rep
