@@ -228,34 +228,83 @@ def _check_student_output(student, x: np.ndarray, num_classes: int, spec) -> Non
 
 # ---------------------------------------------------------------------------------------------
 def export(run_dir: str | Path, config: ExportConfig | None = None, *, force: bool = False) -> Run:
-    """Export the trained student to ONNX FP32 and check it numerically against PyTorch."""
-    from .export.onnx_io import compare, export_onnx, make_session, run_session
+    """Export the trained student to ONNX FP32, simplify it (onnxslim), and check every graph against PyTorch."""
+    import torch
+
+    from ._io import atomic_path
+    from .export.onnx_io import check_graph, export_onnx
+    from .export.op_support import check_runtime_ops
+    from .export.simplify import simplify_onnx
 
     run, done = _open_stage(run_dir, "export", config, force)
     if done:
         return run
     cfg = run.config.export
+    out = run.path("student.onnx")
     with run.running("export"):
         student = run.load_trained("student")
+        names = [n for n, _ in student.named_modules()]
         opset = cfg.opset or run.target["runtime"]["onnx_opset"]
         x = run.data.x_test[: cfg.check_rows]
-        out = run.path("student.onnx")
-        export_onnx(student, x, out, opset)
-        import torch
-
         with torch.inference_mode():
             ref = student(torch.from_numpy(x)).numpy()
-        check = compare(ref, run_session(make_session(out), x))
-        check.update(atol=cfg.atol, min_agreement=cfg.min_agreement, opset=opset)
-        if check["max_abs_diff"] > cfg.atol or check["agreement"] < cfg.min_agreement:
-            out.unlink()
-            raise CompressError(
-                f"ONNX export differs from PyTorch: max abs diff {check['max_abs_diff']:.2e} (tolerance {cfg.atol:.0e}), "
-                f"argmax agreement {check['agreement']:.4f} (needs {cfg.min_agreement})",
-                hint="an operation exports with different semantics; try another --opset", kind="runtime")
-    run.finish("export", {"onnx_fp32": "student.onnx"}, {"check": check})
-    _say(f"export: student.onnx (opset {opset}), max abs diff {check['max_abs_diff']:.2e}, agreement {check['agreement']:.4f}")
+        try:
+            # every graph is built under a temporary name and renamed to student.onnx only once all its checks pass
+            with atomic_path(out) as tmp:
+                export_onnx(student, x, tmp, opset)  # checker(full_check) + strict shape inference inside
+                checks = [_onnx_check(tmp, ref, x, cfg, "export", f"torch.onnx.export (TorchScript exporter, torch {torch.__version__})", opset, names)]
+                simplify = {"requested": cfg.simplify, "applied": False}
+                if cfg.simplify:
+                    simp = tmp.with_name(tmp.name + ".simplified.tmp")
+                    try:
+                        simplify.update(simplify_onnx(tmp, simp))
+                        if simplify["applied"]:
+                            check_graph(simp, f"simplified ({simplify['tool']})", rewrite=True)
+                            checks.append(_onnx_check(simp, ref, x, cfg, "simplify", simplify["tool"], opset, names))
+                            os.replace(simp, tmp)
+                        else:
+                            _say(f"export: simplification skipped, the exported graph is kept: {simplify['reason']}")
+                    finally:
+                        simp.unlink(missing_ok=True)
+                runtime = check_runtime_ops(tmp, run.target, opset, names, produced_by=checks[-1]["transformation"])
+        except CompressError:
+            out.unlink(missing_ok=True)  # a forced redo that fails leaves no student.onnx from an earlier export
+            raise
+    final = dict(checks[-1])
+    # "check" is the shipped graph's (what the report shows); "checks" has one entry per transformation
+    check = {k: final[k] for k in ("max_abs_diff", "agreement", "rows", "atol", "min_agreement")}
+    check.update(opset=opset, transformation=final["transformation"])
+    run.finish("export", {"onnx_fp32": "student.onnx"},
+               {"opset": opset, "check": check, "checks": checks, "simplify": simplify, "runtime_ops": runtime})
+    shape = f", {checks[0]['nodes']} -> {final['nodes']} nodes ({simplify['tool']})" if simplify["applied"] else ""
+    _say(f"export: student.onnx (opset {opset}{shape}), max abs diff {check['max_abs_diff']:.2e}, agreement {check['agreement']:.4f}")
     return run
+
+
+def _onnx_check(path: Path, ref: np.ndarray, x: np.ndarray, cfg: ExportConfig, transformation: str, tool: str, opset: int, names) -> dict:
+    """Run one transformation's graph in ONNX Runtime against the PyTorch logits; a miss is a CompressError naming it."""
+    import onnx
+
+    from .export import onnx_io
+    from .export.op_support import explain_ort_failure
+
+    try:
+        session = onnx_io.make_session(path)
+    except CompressError as exc:
+        raise explain_ort_failure(exc, path, names, produced_by=transformation) from None
+    res = onnx_io.compare(ref, onnx_io.run_session(session, x))
+    res = {"transformation": transformation, "tool": tool, "nodes": len(onnx.load(str(path), load_external_data=False).graph.node),
+           "checker": "pass", "max_abs_diff": res["max_abs_diff"], "agreement": res["agreement"], "rows": res["rows"],
+           "atol": cfg.atol, "min_agreement": cfg.min_agreement}
+    res["passed"] = res["max_abs_diff"] <= cfg.atol and res["agreement"] >= cfg.min_agreement
+    if not res["passed"]:
+        what = "ONNX export" if transformation == "export" else f"the {transformation} step ({tool})"
+        raise CompressError(
+            f"{what} differs from PyTorch: max abs diff {res['max_abs_diff']:.2e} (tolerance {cfg.atol:.0e}), "
+            f"argmax agreement {res['agreement']:.4f} (needs {cfg.min_agreement})",
+            hint="an operation exports with different semantics; try another --opset" if transformation == "export"
+            else "rerun 'compress export' with --no-simplify", kind="runtime")
+    return res
 
 
 # ---------------------------------------------------------------------------------------------

@@ -129,6 +129,7 @@ def pipeline_options(fn):
         click.option("--seed", type=int, help="Seed for splits, initialisation and batch order (default 0)."),
         click.option("--force", is_flag=True, help="Redo stages that already finished in --out."),
         click.option("--resume", is_flag=True, help="Continue an interrupted distillation from its last checkpoint."),
+        click.option("--simplify/--no-simplify", default=None, help="Simplify the exported ONNX graph with onnxslim, checked against PyTorch like the export (default on)."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -153,7 +154,9 @@ def _config_from(kw: dict) -> CompressConfig:
     distill = distill.replace(loss=kw["loss"], logit_standardize=kw["logit_standardize"], search=kw["search"], search_steps=kw["search_steps"])
     distill = distill.replace(teacher_output=kw["teacher_output"], query_budget=kw["query_budget"], query_rounds=kw["query_rounds"],
                               query_strategy=kw["query_strategy"])
-    return CompressConfig(teacher=teacher, teacher_arch=kw["teacher_arch"], trust=kw["trust"], target=kw["target"], data=data, distill=distill)
+    export = ExportConfig().replace(simplify=kw["simplify"])
+    return CompressConfig(teacher=teacher, teacher_arch=kw["teacher_arch"], trust=kw["trust"], target=kw["target"], data=data, distill=distill,
+                          export=export)
 
 
 def _check_target(name: str) -> None:
@@ -252,14 +255,15 @@ force_opt = click.option("--force", is_flag=True, help="Redo the stage even if i
 @run_dir_arg
 @click.option("--opset", type=click.IntRange(13, 23), help="ONNX opset (default: the target profile's).")
 @click.option("--atol", type=click.FloatRange(min=0, min_open=True), help=f"Tolerance on max |ONNX - PyTorch| (default {ExportConfig.atol:g}).")
+@click.option("--simplify/--no-simplify", default=None, help="Simplify the graph with onnxslim, checked against PyTorch like the export (default: as the run was set up, on).")
 @force_opt
-def export_cmd(run_dir, opset, atol, force):
-    """Export the trained student to ONNX and check it against PyTorch (stage 2)."""
+def export_cmd(run_dir, opset, atol, simplify, force):
+    """Export the trained student to ONNX, simplify it, and check every graph against PyTorch (stage 2)."""
     from .api import export
     from .run import Run
 
     _log_to(run_dir)
-    cfg = Run.open(run_dir).config.export.replace(opset=opset, atol=atol)
+    cfg = Run.open(run_dir).config.export.replace(opset=opset, atol=atol, simplify=simplify)
     export(run_dir, cfg, force=force)
 
 

@@ -113,6 +113,7 @@ class ExportConfig(_Config):
     atol: float = 1e-3  # max |onnx - torch| over held-out logits
     min_agreement: float = 0.999  # argmax agreement with PyTorch on held-out rows
     check_rows: int = 2048
+    simplify: bool = True  # onnxslim after the export, checked like the export itself (benchmarks/results/export_simplify.md)
 
 
 @dataclass

@@ -174,6 +174,17 @@ def test_manifest_records_inputs_and_stages(jetson_run, tiny):
     assert CompressConfig.from_dict(manifest["config"]).distill.steps == STEPS
 
 
+def test_export_checks_of_every_transformation_are_in_the_manifest_and_report(jetson_run):
+    out, rep, _ = jetson_run
+    res = json.loads((out / "manifest.json").read_text())["stages"]["export"]["result"]
+    assert res["opset"] == 17
+    assert [c["transformation"] for c in res["checks"]] == ["export", "simplify"]
+    assert all(c["passed"] and c["atol"] == 1e-3 and c["min_agreement"] == 0.999 for c in res["checks"])
+    assert res["runtime_ops"]["runtime"] == "tensorrt 10.3"
+    # the report's export check is the shipped (simplified) graph's
+    assert rep["checks"]["export"]["transformation"] == "simplify" and rep["checks"]["export"]["opset"] == 17
+
+
 def test_no_temporary_files_are_left(jetson_run):
     out, _, _ = jetson_run
     assert _leftover_temps(out) == []

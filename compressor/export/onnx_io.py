@@ -1,6 +1,7 @@
 """ONNX export from PyTorch, structural checks, ONNX Runtime sessions, and the numeric check."""
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -39,16 +40,39 @@ def check_external_data(model, model_path: Path) -> None:
                 raise CompressError(f"ONNX model {model_path} references external data outside its folder: {loc!r}", hint="keep external data files beside the model")
 
 
+@contextlib.contextmanager
+def _stdout_to_log():
+    """Send what the exporter's C++ side prints on stdout (the whole TorchScript graph when an op fails) to the
+    run's log at debug level instead of the console, which shows one line per error."""
+    import logging
+    import sys
+    import tempfile
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 1)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", "replace").strip()
+            if text:
+                logging.getLogger("compressor").debug("torch.onnx.export printed:\n%s", text)
+
+
 def export_onnx(module, sample: np.ndarray, path: Path, opset: int) -> None:
     """Export module to ONNX with a dynamic batch axis, then run the checker and shape inference."""
-    import onnx
     import torch
 
     module = module.eval().cpu()
     x = torch.from_numpy(np.ascontiguousarray(sample[:2]))
     with atomic_path(path) as tmp:
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _stdout_to_log():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     module, (x,), str(tmp), input_names=["input"], output_names=["logits"],
@@ -58,19 +82,26 @@ def export_onnx(module, sample: np.ndarray, path: Path, opset: int) -> None:
         except OSError:
             raise  # a full disk or an unwritable folder: atomic_path says so
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise CompressError(
-                f"the student cannot be exported to ONNX (opset {opset}): {first}",
-                hint="replace the unsupported operation in the student, or try another --opset",
-                kind="runtime",
-            ) from exc
-        model = onnx.load(str(tmp))
-        try:
-            onnx.checker.check_model(model, full_check=True)
-            model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-        except Exception as exc:
-            raise CompressError(f"the exported ONNX graph fails onnx.checker: {str(exc).splitlines()[0][:300]}", kind="runtime") from exc
-        onnx.save(model, str(tmp))
+            from .op_support import export_failure
+
+            raise export_failure(exc, module, sample, opset) from exc
+        check_graph(tmp, "exported", rewrite=True)
+
+
+def check_graph(path: Path, what: str = "exported", *, rewrite: bool = False) -> None:
+    """onnx.checker (full check) and strict shape inference; rewrite=True saves the graph with the inferred shapes."""
+    import onnx
+
+    model = onnx.load(str(path))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise CompressError(f"the {what} ONNX graph fails onnx.checker or strict shape inference: {first}",
+                            hint="rerun with --no-simplify" if what != "exported" else "try another --opset", kind="runtime") from exc
+    if rewrite:
+        onnx.save(model, str(path))
 
 
 def run_session(session, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
