@@ -309,11 +309,14 @@ def _onnx_check(path: Path, ref: np.ndarray, x: np.ndarray, cfg: ExportConfig, t
 
 # ---------------------------------------------------------------------------------------------
 def quantize(run_dir: str | Path, config: QuantizeConfig | None = None, *, force: bool = False) -> Run:
-    """Quantize the ONNX student to INT8 Q/DQ with the target's recipe, calibrated on the user's rows."""
+    """INT8 (and, where the target takes it, FP16) flavours of the ONNX student. INT8: every candidate recipe of the
+    target's is calibrated on the user's rows, judged on a validation split and timed on this CPU; the fastest within
+    --int8-tolerance wins. When none is within it, the most sensitive nodes are kept in float until it is, and when even
+    that fails, the student is fine-tuned with fake quantization against the teacher (quantization-aware distillation)."""
     from .bench.host import has_vnni
-    from .bench.latency import measure
-    from .export.onnx_io import compare, make_session, run_session
-    from .export.quantize import AUTO_CANDIDATES, get_recipe, preprocess, qdq_summary, quantize_static, scratch_dir
+    from .export.onnx_io import make_session, run_session
+    from .export.quantize import auto_candidates, get_recipe, preprocess, scratch_dir, to_fp16
+    from .export.tolerance import Validation, choose_int8, evaluate
 
     run, done = _open_stage(run_dir, "quantize", config, force)
     if done:
@@ -323,53 +326,72 @@ def quantize(run_dir: str | Path, config: QuantizeConfig | None = None, *, force
     ds = run.data
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(ds.x))
-    calib = ds.x[order[: cfg.calibration_rows]]
-    # Rows to compare INT8 with FP32 while choosing a recipe: training rows not used for calibration.
-    check_rows = ds.x[order[cfg.calibration_rows: cfg.calibration_rows + 2048]]
-    if len(check_rows) == 0:
-        check_rows = calib
+    n_cal = min(cfg.calibration_rows, max(1, len(order) // 2))  # a small pool keeps half its rows for validation
+    calib = ds.x[order[:n_cal]]
+    # The validation split INT8 is judged on: labeled training rows the calibration did not use (never the held-out set).
+    rest = order[n_cal:]
+    labeled = rest[ds.y[rest] >= 0][: cfg.validation_rows]
     recipe_name = cfg.recipe if cfg.recipe != "auto" else run.target["quantization"]["int8_recipe"]
-    candidates = list(AUTO_CANDIDATES.get(recipe_name, (recipe_name,)))
-    if recipe_name == "cpu-auto" and has_vnni():
-        candidates.remove("cpu-u8s8-reduced")  # only needed where u8×s8 can saturate
-    for c in candidates:
-        get_recipe(c)
+    candidates = auto_candidates(recipe_name, fp32, has_vnni())
+    want_fp16 = cfg.fp16 if cfg.fp16 is not None else "fp16" in run.target["quantization"].get("precisions", [])
     out = run.path("student.int8.onnx")
+    outputs = {"onnx_int8": "student.int8.onnx"}
     with run.running("quantize"):
-        fp32_sess = make_session(fp32, threads=1)
-        ref = run_session(fp32_sess, check_rows)
-        one = check_rows[:1]
-        fp32_ms = measure(lambda: fp32_sess.run(None, {"input": one}), min_runs=100, min_duration_s=0.3)["p50"]
-        trials = []
+        fp32_sess = make_session(fp32, threads=None)
+        if len(labeled) >= 100:
+            vx, vy = ds.x[labeled], ds.y[labeled]
+        else:  # too few labels: judge by agreement with FP32 on unseen rows
+            vx, vy = (ds.x[rest[: cfg.validation_rows]] if len(rest) else calib), None
+        val = Validation(vx, vy, run_session(fp32_sess, vx))
         with scratch_dir(run.dir) as tmp:
             pre = Path(tmp) / "pre.onnx"
             preprocess(fp32, pre)
-            for name in candidates:
-                qpath = Path(tmp) / f"{name}.onnx"
-                info = quantize_static(pre, qpath, get_recipe(name), calib, cfg.calibrate_method, cfg.per_channel)
-                sess = make_session(qpath, threads=1)
-                cmp = compare(ref, run_session(sess, check_rows))
-                ms = measure(lambda: sess.run(None, {"input": one}), min_runs=100, min_duration_s=0.3)["p50"] if len(candidates) > 1 else None
-                ops = qdq_summary(qpath)  # which compute ops got Q/DQ and which the recipe left in float
-                trials.append({"recipe": name, "agreement_with_fp32": cmp["agreement"], "max_abs_diff": cmp["max_abs_diff"], "p50_ms_1thread": ms,
-                               "ops_int8": ops["int8"], "ops_float": ops["float"], "fallback": info["fallback"], "path": qpath})
-            # Fastest recipe whose agreement with FP32 is within half a point of the best one.
-            best_agree = max(t["agreement_with_fp32"] for t in trials)
-            ok = [t for t in trials if t["agreement_with_fp32"] >= best_agree - 0.005]
-            chosen = min(ok, key=lambda t: t["p50_ms_1thread"] or 0.0)
+            fp32_eval = evaluate(fp32, val, val.fp32_score())
+            chosen = choose_int8(fp32, pre, candidates, calib, val, cfg, Path(tmp), say=_say)
+            qat = None
+            if chosen["drop_points"] > cfg.int8_tolerance and cfg.qat_steps > 0:
+                from .distill.qat import quantization_aware_distill
+
+                qat, qat_trial = quantization_aware_distill(run, chosen, calib, val, cfg, Path(tmp), say=_say)
+                if qat_trial is not None and qat_trial["drop_points"] < chosen["drop_points"]:
+                    chosen = {**qat_trial, "trials": chosen["trials"], "search": chosen.get("search")}
             os.replace(chosen["path"], out)
-        for t in trials:
-            t.pop("path")
-    result = {"recipe": chosen["recipe"], "description": get_recipe(chosen["recipe"]).description, "requested": recipe_name,
+            fp16 = None
+            if want_fp16:
+                fp16_path = run.path("student.fp16.onnx")
+                info = to_fp16(fp32, fp16_path, cfg.keep_io_fp32)
+                fp16 = {**evaluate(fp16_path, val, val.fp32_score()), "keep_io_fp32": info["keep_io_fp32"]}
+                outputs["onnx_fp16"] = "student.fp16.onnx"
+        trials = [{k: v for k, v in t.items() if k != "path"} for t in chosen["trials"]]
+    recipe = get_recipe(chosen["recipe"])
+    result = {"recipe": chosen["recipe"], "description": recipe.description, "requested": recipe_name,
               "calibration_rows": int(len(calib)), "calibrate_method": cfg.calibrate_method, "per_channel": cfg.per_channel,
-              "agreement_with_fp32": chosen["agreement_with_fp32"], "fp32_p50_ms_1thread": fp32_ms,
-              "ops_int8": chosen["ops_int8"], "ops_float": chosen["ops_float"], "fallback": chosen["fallback"], "trials": trials}
-    run.finish("quantize", {"onnx_int8": "student.int8.onnx"}, result)
-    _say(f"quantize: {chosen['recipe']} -> student.int8.onnx, agreement with FP32 {chosen['agreement_with_fp32']:.4f}")
+              "agreement_with_fp32": chosen["agreement_with_fp32"], "fp32_p50_ms_1thread": fp32_eval["p50_ms_1thread"],
+              "p50_ms_1thread": chosen["p50_ms_1thread"],
+              "validation": {"rows": int(len(val.x)), "metric": val.metric, "fp32": val.fp32_score(), "int8": chosen["score"]},
+              "int8_tolerance": cfg.int8_tolerance, "drop_points": chosen["drop_points"],
+              "within_tolerance": chosen["drop_points"] <= cfg.int8_tolerance,
+              "kept_float": [{"node": n, "op": op} for n, op in (chosen.get("kept_float_ops") or {n: "?" for n in chosen.get("kept_float") or []}).items()],
+              "accuracy_aware": chosen.get("search"), "qat": qat,
+              "kept_float_cost_ms": (round(chosen["p50_ms_1thread"] - chosen["search"]["plain_p50_ms_1thread"], 5)
+                                     if chosen.get("search") and chosen.get("kept_float") else None),
+              "ops_int8": chosen["ops_int8"], "ops_float": chosen["ops_float"], "fallback": chosen["fallback"], "trials": trials,
+              "fp16": fp16}
+    run.finish("quantize", outputs, result)
+    _say(f"quantize: {chosen['recipe']} -> student.int8.onnx, {val.metric} {chosen['score'] * 100:.2f}% vs FP32 "
+         f"{val.fp32_score() * 100:.2f}% on {len(val.x)} validation rows; {chosen['p50_ms_1thread']:.3f} vs "
+         f"{fp32_eval['p50_ms_1thread']:.3f} ms FP32 (batch 1, 1 thread)")
+    if result["kept_float"]:
+        _say("quantize: kept in float to stay within tolerance: " + ", ".join(f"{k['node']} ({k['op']})" for k in result["kept_float"]))
+    if not result["within_tolerance"]:
+        _say(f"quantize: INT8 still loses {chosen['drop_points']:.2f} points (tolerance {cfg.int8_tolerance:g}): ship FP32"
+             + (" or FP16" if fp16 else "") + " for accuracy")
     if chosen["ops_float"]:
         _say(f"quantize: left in float (not quantized by the {chosen['recipe']} recipe): {_op_counts(chosen['ops_float'])}")
     if chosen["fallback"]:
         _say(f"quantize: {chosen['fallback']}")
+    if fp16:
+        _say(f"quantize: fp16 -> student.fp16.onnx, {val.metric} {fp16['score'] * 100:.2f}%")
     return run
 
 

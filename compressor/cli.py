@@ -129,6 +129,7 @@ def pipeline_options(fn):
         click.option("--seed", type=int, help="Seed for splits, initialisation and batch order (default 0)."),
         click.option("--force", is_flag=True, help="Redo stages that already finished in --out."),
         click.option("--resume", is_flag=True, help="Continue an interrupted distillation from its last checkpoint."),
+        click.option("--int8-tolerance", type=click.FloatRange(min=0), help=f"Accuracy points INT8 may lose against FP32 on a validation split (default {QuantizeConfig.int8_tolerance:g}); beyond it, sensitive nodes stay float, then quantization-aware distillation."),
         click.option("--simplify/--no-simplify", default=None, help="Simplify the exported ONNX graph with onnxslim, checked against PyTorch like the export (default on)."),
     ]
     for o in reversed(opts):
@@ -155,8 +156,9 @@ def _config_from(kw: dict) -> CompressConfig:
     distill = distill.replace(teacher_output=kw["teacher_output"], query_budget=kw["query_budget"], query_rounds=kw["query_rounds"],
                               query_strategy=kw["query_strategy"])
     export = ExportConfig().replace(simplify=kw["simplify"])
+    quantize = QuantizeConfig().replace(int8_tolerance=kw["int8_tolerance"])
     return CompressConfig(teacher=teacher, teacher_arch=kw["teacher_arch"], trust=kw["trust"], target=kw["target"], data=data, distill=distill,
-                          export=export)
+                          export=export, quantize=quantize)
 
 
 def _check_target(name: str) -> None:
@@ -248,6 +250,9 @@ def _log_to_after_create(out: Path) -> None:
 
 
 run_dir_arg = click.argument("run_dir", type=click.Path(path_type=Path))
+int8_tolerance_opt = click.option(
+    "--int8-tolerance", type=click.FloatRange(min=0), help=f"Accuracy points INT8 may lose against FP32 on a validation split of your "
+    f"training rows (default {QuantizeConfig.int8_tolerance:g}); when it loses more, sensitive nodes stay in float, then the student is fine-tuned with fake quantization.")
 force_opt = click.option("--force", is_flag=True, help="Redo the stage even if it already finished.")
 
 
@@ -269,17 +274,30 @@ def export_cmd(run_dir, opset, atol, simplify, force):
 
 @cli.command("quantize")
 @run_dir_arg
-@click.option("--recipe", help="INT8 recipe (default: the target's). One of tensorrt, cpu-u8s8, cpu-s8s8, cpu-u8s8-reduced, cpu-auto.")
+@click.option("--recipe", help="INT8 recipe (default: the target's): tensorrt, cpu-u8s8, cpu-s8s8, cpu-u8s8-reduced, cpu-dynamic, "
+              "or cpu-auto (each tried on this CPU, the fastest within --int8-tolerance kept).")
 @click.option("--calibration-rows", type=click.IntRange(min=1), help=f"Rows of your data used to calibrate (default {QuantizeConfig.calibration_rows}).")
 @click.option("--calibrate-method", type=click.Choice(["minmax", "entropy", "percentile"]))
+@click.option("--per-channel/--per-tensor", "per_channel", default=None, help="Weight scales per output channel (default) or per tensor.")
+@int8_tolerance_opt
+@click.option("--max-float-nodes", type=click.IntRange(min=0), help=f"When INT8 misses the tolerance: keep at most this many of the most sensitive nodes in float (default {QuantizeConfig.max_float_nodes}; 0 = off).")
+@click.option("--qat-steps", type=click.IntRange(min=0), help=f"When it still misses: steps of quantization-aware distillation against the teacher (default {QuantizeConfig.qat_steps}; 0 = off).")
+@click.option("--exclude-nodes", help="Comma-separated ONNX node names to keep in float from the start.")
+@click.option("--fp16/--no-fp16", default=None, help="Also write an FP16 model (default: when the target lists fp16).")
+@click.option("--fp16-io", is_flag=True, help="The FP16 model takes and returns float16 (default: float32 in and out).")
 @force_opt
-def quantize_cmd(run_dir, recipe, calibration_rows, calibrate_method, force):
-    """Quantize the ONNX student to INT8 Q/DQ, calibrated on your data (stage 3)."""
+def quantize_cmd(run_dir, recipe, calibration_rows, calibrate_method, per_channel, int8_tolerance, max_float_nodes, qat_steps, exclude_nodes,
+                 fp16, fp16_io, force):
+    """Quantize the ONNX student to INT8 Q/DQ (and FP16), calibrated on your data, within an accuracy tolerance (stage 3)."""
     from .api import quantize
     from .run import Run
 
     _log_to(run_dir)
-    cfg = Run.open(run_dir).config.quantize.replace(recipe=recipe, calibration_rows=calibration_rows, calibrate_method=calibrate_method)
+    exclude = [n.strip() for n in exclude_nodes.split(",") if n.strip()] if exclude_nodes else None
+    cfg = Run.open(run_dir).config.quantize.replace(
+        recipe=recipe, calibration_rows=calibration_rows, calibrate_method=calibrate_method, per_channel=per_channel,
+        int8_tolerance=int8_tolerance, max_float_nodes=max_float_nodes, qat_steps=qat_steps, exclude_nodes=exclude, fp16=fp16,
+        keep_io_fp32=False if fp16_io else None)
     quantize(run_dir, cfg, force=force)
 
 

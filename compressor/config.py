@@ -118,12 +118,19 @@ class ExportConfig(_Config):
 
 @dataclass
 class QuantizeConfig(_Config):
-    """Static INT8 quantization with ONNX Runtime, calibrated on the user's data."""
+    """INT8 (and FP16) flavours of the ONNX student with ONNX Runtime's tools, calibrated on the user's data."""
 
-    recipe: str = "auto"  # auto: the target's; or a registered recipe name
+    recipe: str = "auto"  # auto: the target's; or a registered INT8 recipe name
     calibration_rows: int = 512
     calibrate_method: str = "minmax"  # minmax | entropy | percentile
     per_channel: bool = True
+    int8_tolerance: float = 1.0  # accuracy points INT8 may lose against FP32 on the validation split
+    max_float_nodes: int = 8  # accuracy-aware mode: at most this many sensitive nodes kept in float (0 = off)
+    qat_steps: int = 300  # then quantization-aware distillation for this many steps when INT8 still misses (0 = off)
+    exclude_nodes: list[str] | None = None  # nodes to keep in float from the start (by ONNX node name)
+    fp16: bool | None = None  # also an FP16 model (default: when the target lists fp16)
+    keep_io_fp32: bool = True  # FP16 model takes and returns float32
+    validation_rows: int = 2048
     seed: int = 0
 
 

@@ -48,6 +48,17 @@ def build_report(run, models: list[dict]) -> dict:
         left = ", ".join(f"{op} ×{n}" for op, n in (quant.get("ops_float") or {}).items())
         notes.append(f"INT8 ({quant['recipe']}) leaves some operations in float" + (f": {left}" if left else "")
                      + (f"; {quant['fallback']}" if quant.get("fallback") else "") + ".")
+    if quant.get("kept_float"):  # the accuracy-aware search kept nodes in float: which, and what they cost
+        cost = quant.get("kept_float_cost_ms")
+        notes.append(f"INT8 kept {len(quant['kept_float'])} node(s) in float to stay within {quant['int8_tolerance']:g} point(s) of FP32: "
+                     + ", ".join(f"{k['node']} ({k['op']})" for k in quant["kept_float"])
+                     + (f"; they cost {cost:+.3f} ms p50 against the fully quantized model (batch 1, 1 thread)" if cost is not None else "") + ".")
+    if quant.get("qat") and quant["qat"].get("used"):
+        notes.append(f"INT8 comes from the student fine-tuned with fake quantization against the teacher ({quant['qat']['steps']} steps): "
+                     "plain post-training quantization missed the tolerance.")
+    if "within_tolerance" in quant and not quant["within_tolerance"]:
+        notes.append(f"INT8 loses {quant['drop_points']:.2f} points of {quant['validation']['metric']} on the validation split, more than the "
+                     f"{quant['int8_tolerance']:g} allowed, even after the accuracy-aware search: ship FP32 (or FP16) where accuracy matters.")
     if host.get("load_average_1m") and host["cpu_count"] and host["load_average_1m"] > host["cpu_count"]:
         notes.append(f"The machine was busy while benchmarking (load average {host['load_average_1m']} on {host['cpu_count']} cores): "
                      "latencies are likely inflated; rerun 'compress bench RUN --force' on a quiet machine.")
@@ -69,7 +80,9 @@ def build_report(run, models: list[dict]) -> dict:
         "models": models,
         "checks": {
             "export": stages["export"]["result"]["check"],
-            "quantize": {k: quant[k] for k in ("recipe", "requested", "agreement_with_fp32", "calibration_rows", "calibrate_method", "trials")},
+            "quantize": {k: quant[k] for k in ("recipe", "requested", "agreement_with_fp32", "calibration_rows", "calibrate_method", "trials",
+                                               "int8_tolerance", "drop_points", "within_tolerance", "validation", "kept_float", "kept_float_cost_ms", "qat")
+                         if k in quant},
             "distill": {k: {kk: v[kk] for kk in ("val_accuracy", "best_step", "steps", "seconds", "train_rows")}
                         for k, v in distill.items() if k in ("student", "baseline")},
         },
@@ -178,8 +191,15 @@ def render_markdown(rep: dict) -> str:
                   f"argmax agreement {e['agreement'] * 100:.2f}% on {e['rows']} held-out rows, opset {e['opset']}."]
     if "quantize" in checks:
         q = checks["quantize"]
-        lines += [f"INT8 recipe: {q['recipe']} (asked: {q['requested']}), calibrated on {q['calibration_rows']} training rows "
-                  f"({q['calibrate_method']}); agrees with FP32 on {q['agreement_with_fp32'] * 100:.2f}% of unseen training rows."]
+        line = (f"INT8 recipe: {q['recipe']} (asked: {q['requested']}), calibrated on {q['calibration_rows']} training rows "
+                f"({q['calibrate_method']}); agrees with FP32 on {q['agreement_with_fp32'] * 100:.2f}% of unseen training rows")
+        if q.get("validation"):
+            v = q["validation"]
+            line += (f"; {v['metric']} {v['int8'] * 100:.2f}% vs FP32 {v['fp32'] * 100:.2f}% on {v['rows']} validation rows "
+                     f"(tolerance {q['int8_tolerance']:g} point{'' if q['int8_tolerance'] == 1 else 's'})")
+        lines += [line + "."]
+        if q.get("kept_float"):
+            lines += ["Kept in float: " + ", ".join(f"`{k['node']}` ({k['op']})" for k in q["kept_float"]) + "."]
     if checks.get("distill", {}).get("teacher_queries"):
         lines += [render_queries(checks["distill"]["teacher_queries"])]
     if rep.get("search"):

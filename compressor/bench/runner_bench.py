@@ -61,6 +61,10 @@ def bench_models(run, cfg: BenchConfig) -> list[dict]:
             run.path("baseline.pt"), student_params)
     fp32 = run.path(run.stage("export")["outputs"]["onnx_fp32"])
     add("student onnx fp32", "student", "fp32", OnnxRuntimeRunner(fp32, threads), fp32, student_params)
-    int8 = run.path(run.stage("quantize")["outputs"]["onnx_int8"])
+    outputs = run.stage("quantize")["outputs"]
+    if "onnx_fp16" in outputs:  # the FP16 flavour, where the target takes it (on a CPU it shows accuracy, not speed)
+        fp16 = run.path(outputs["onnx_fp16"])
+        add("student onnx fp16", "student", "fp16", OnnxRuntimeRunner(fp16, threads), fp16, student_params)
+    int8 = run.path(outputs["onnx_int8"])
     add("student onnx int8", "student", "int8", OnnxRuntimeRunner(int8, threads), int8, student_params)
     return rows

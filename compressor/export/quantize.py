@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,39 +16,68 @@ from ..errors import CompressError, did_you_mean
 
 @dataclass(frozen=True)
 class Recipe:
-    """One INT8 flavour: activation/weight types and ORT extra options."""
+    """One quantization flavour: static INT8 Q/DQ (calibrated), dynamic INT8 (weights ahead of time, activations at
+    run time) or FP16; activation/weight types and ORT extra options for the INT8 kinds."""
 
     name: str
     description: str
-    activation: str  # "s8" | "u8"
+    kind: str = "static"  # static | dynamic | fp16
+    activation: str = "s8"  # "s8" | "u8" (static only)
     weight: str = "s8"
     extra: dict = field(default_factory=dict)
     reduce_range: bool = False
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.kind == "fp16" else "int8"
 
 
 _RECIPES = {
     r.name: r
     for r in (
         Recipe("tensorrt", "TensorRT explicit Q/DQ: symmetric s8 activations and per-channel s8 weights, zero point 0, float biases",
-               "s8", extra={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}),
-        Recipe("cpu-u8s8", "ONNX Runtime CPU: asymmetric u8 activations, symmetric s8 weights (fast with VNNI)", "u8"),
-        Recipe("cpu-s8s8", "ONNX Runtime CPU: symmetric s8 activations and weights", "s8",
+               activation="s8", extra={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}),
+        Recipe("cpu-u8s8", "ONNX Runtime CPU: asymmetric u8 activations, symmetric s8 weights (fast with VNNI)", activation="u8"),
+        Recipe("cpu-s8s8", "ONNX Runtime CPU: symmetric s8 activations and weights", activation="s8",
                extra={"ActivationSymmetric": True, "WeightSymmetric": True}),
-        Recipe("cpu-u8s8-reduced", "u8 activations with 7-bit weights, for CPUs without VNNI (avoids u8×s8 saturation)", "u8",
+        Recipe("cpu-u8s8-reduced", "u8 activations with 7-bit weights, for CPUs without VNNI (avoids u8×s8 saturation)", activation="u8",
                reduce_range=True),
+        Recipe("cpu-dynamic", "ONNX Runtime dynamic INT8: s8 weights quantized ahead of time, activations at run time, no calibration "
+               "(for models dominated by MatMul/Gemm)", kind="dynamic"),
+        Recipe("fp16", "FP16 weights and activations (graph inputs and outputs kept FP32 unless asked otherwise)", kind="fp16"),
     )
 }
-AUTO_CANDIDATES = {"cpu-auto": ("cpu-u8s8", "cpu-s8s8", "cpu-u8s8-reduced")}
+# "auto" recipes: every candidate is built, measured on this CPU, and the fastest within the accuracy tolerance wins.
+AUTO_CANDIDATES = {"cpu-auto": ("cpu-u8s8", "cpu-s8s8", "cpu-u8s8-reduced", "cpu-dynamic")}
 
 
-def list_recipes() -> list[str]:
-    return sorted(_RECIPES) + sorted(AUTO_CANDIDATES)
+def list_recipes(precision: str | None = None) -> list[str]:
+    names = sorted(n for n, r in _RECIPES.items() if precision in (None, r.precision))
+    return names + (sorted(AUTO_CANDIDATES) if precision in (None, "int8") else [])
 
 
 def get_recipe(name: str) -> Recipe:
     if name not in _RECIPES:
         raise CompressError(f"unknown quantization recipe '{name}'.{did_you_mean(name, list_recipes())}", hint=f"choose one of {', '.join(list_recipes())}")
     return _RECIPES[name]
+
+
+def auto_candidates(name: str, fp32: Path, vnni: bool) -> list[str]:
+    """The recipes to try for a requested INT8 recipe on this CPU and model: u8×s8 with reduced range only where the
+    CPU lacks VNNI (where u8×s8 can saturate), dynamic INT8 only for models without convolutions (MatMul/Gemm-bound)."""
+    if name not in AUTO_CANDIDATES:
+        if get_recipe(name).precision != "int8":
+            raise CompressError(f"'{name}' is not an INT8 recipe", hint=f"choose one of {', '.join(list_recipes('int8'))}")
+        return [name]
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(fp32), load_external_data=False).graph.node}
+    out = list(AUTO_CANDIDATES[name])
+    if vnni:
+        out.remove("cpu-u8s8-reduced")
+    if ops & {"Conv", "ConvTranspose"} or not ops & {"MatMul", "Gemm"}:
+        out.remove("cpu-dynamic")
+    return out
 
 
 class _Reader:
@@ -72,10 +102,20 @@ def preprocess(fp32: Path, out: Path) -> None:
     """ORT's quant_pre_process: symbolic shape inference and graph optimisation before quantization."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    import onnx
+
     try:
         quant_pre_process(str(fp32), str(out), skip_symbolic_shape=False)
     except Exception:
         quant_pre_process(str(fp32), str(out), skip_symbolic_shape=True)
+    model = onnx.load(str(out))
+    unnamed = [n for n in model.graph.node if not n.name]
+    if unnamed:  # nodes are kept in float, ranked and reported by name: every node needs one
+        taken = {n.name for n in model.graph.node}
+        for i, n in enumerate(unnamed):
+            n.name = next(c for c in (f"{n.op_type}_{i}", f"{n.op_type}_{i}_{len(taken)}") if c not in taken)
+            taken.add(n.name)
+        onnx.save(model, str(out))
 
 
 # When quantizing every op ONNX Runtime knows fails, the second try quantizes only these (the weight-heavy ones)
@@ -86,6 +126,10 @@ CORE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 _COMPUTE_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Gather", "GatherElements", "EmbedLayerNormalization", "Attention",
                 "MultiHeadAttention", "LayerNormalization", "BatchNormalization", "InstanceNormalization", "Softmax",
                 "LSTM", "GRU", "RNN", "Einsum"}
+
+
+_INTEGER_OPS = {"MatMulInteger": "MatMul", "ConvInteger": "Conv", "DynamicQuantizeMatMul": "MatMul", "QLinearMatMul": "MatMul",
+                "QLinearConv": "Conv", "QGemm": "Gemm"}
 
 
 @contextlib.contextmanager
@@ -103,9 +147,11 @@ def _quiet_root_logger():
         root.removeHandler(null)
 
 
-def quantize_static(fp32_pre: Path, out: Path, recipe: Recipe, calib: np.ndarray, method: str = "minmax", per_channel: bool = True) -> dict:
-    """Static INT8 Q/DQ quantization of fp32_pre into out (atomically). Calibration rows are fed in the model input's
-    dtype (int64 token ids stay integers). Returns {"fallback": None | why only CORE_OPS were quantized}."""
+def quantize_static(fp32_pre: Path, out: Path, recipe: Recipe, calib: np.ndarray, method: str = "minmax", per_channel: bool = True,
+                    exclude: list[str] | None = None) -> dict:
+    """Static INT8 Q/DQ quantization of fp32_pre into out (atomically), the nodes named in exclude left in float.
+    Calibration rows are fed in the model input's dtype (int64 token ids stay integers).
+    Returns {"fallback": None | why only CORE_OPS were quantized}."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
@@ -128,11 +174,15 @@ def quantize_static(fp32_pre: Path, out: Path, recipe: Recipe, calib: np.ndarray
                 str(fp32_pre), str(tmp), _Reader(input_name, calib, dtype),
                 quant_format=QuantFormat.QDQ, activation_type=types[recipe.activation], weight_type=types[recipe.weight],
                 per_channel=per_channel, reduce_range=recipe.reduce_range, calibrate_method=methods[method],
-                extra_options=dict(recipe.extra), op_types_to_quantize=op_types,
+                extra_options=dict(recipe.extra), op_types_to_quantize=op_types, nodes_to_exclude=list(exclude or []),
             )
 
+    if exclude:
+        exclude = _with_passthrough_producers(fp32_pre, exclude)
     try:
         run(None)
+        if exclude:
+            _float_inputs(out, exclude)
         return {"fallback": None}
     except CompressError:
         raise
@@ -140,12 +190,275 @@ def quantize_static(fp32_pre: Path, out: Path, recipe: Recipe, calib: np.ndarray
         first = str(exc).splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
     try:  # some op could not be quantized: keep everything but the core ops in float, and say so
         run(list(CORE_OPS))
+        if exclude:
+            _float_inputs(out, exclude)
     except CompressError:
         raise
     except Exception as exc:
         raise CompressError(f"INT8 quantization ({recipe.name}) failed: {first}; quantizing only {', '.join(CORE_OPS)} "
                             f"failed too: {str(exc).splitlines()[0][:200]}", kind="runtime") from exc
     return {"fallback": f"quantizing every supported op failed ({first}); only {', '.join(CORE_OPS)} were quantized, the rest stays float"}
+
+
+# Ops that pass values through (or clip them) between compute nodes: ONNX Runtime's Q/DQ quantizer folds a Relu into
+# the quantized output of its producer, so keeping a node in float means keeping these upstream of it in float too.
+_PASSTHROUGH = {"Relu", "Clip", "LeakyRelu", "HardSigmoid", "Sigmoid", "Tanh", "MaxPool", "Reshape", "Flatten", "Transpose",
+                "Squeeze", "Unsqueeze", "Identity"}
+
+
+def _with_passthrough_producers(fp32_pre: Path, names: list[str]) -> list[str]:
+    import onnx
+
+    g = onnx.load(str(fp32_pre), load_external_data=False).graph
+    producer = {o: n for n in g.node for o in n.output}
+    by_name = {n.name: n for n in g.node}
+    out, todo = list(dict.fromkeys(names)), list(names)
+    while todo:
+        n = by_name.get(todo.pop())
+        for i in (n.input if n is not None else []):
+            p = producer.get(i)
+            if p is not None and p.op_type in _PASSTHROUGH and p.name not in out:
+                out.append(p.name)
+                todo.append(p.name)
+    return out
+
+
+def _float_inputs(path: Path, names: list[str]) -> None:
+    """Make the named nodes read their activations in float: an input that comes through QuantizeLinear ->
+    DequantizeLinear is rewired to the tensor before the pair, and pairs nothing else reads are removed. (Excluding a
+    node from ORT's quantizer keeps its weights float, but its producer may still quantize the tensor it reads.)"""
+    import onnx
+
+    model = onnx.load(str(path))
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    keep = set(names)
+    for n in g.node:
+        if n.name not in keep:
+            continue
+        for k, t in enumerate(n.input):
+            dq = producer.get(t)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                n.input[k] = q.input[0]
+    for _ in range(2):  # DequantizeLinear nodes nobody reads, then the QuantizeLinear nodes that fed them
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not any(o in used for o in n.output)]
+        for n in dead:
+            g.node.remove(n)
+    onnx.save(model, str(path))
+
+
+def quantize_dynamic(fp32_pre: Path, out: Path, recipe: Recipe, per_channel: bool = True, exclude: list[str] | None = None) -> dict:
+    """Dynamic INT8: MatMul/Gemm weights quantized ahead of time, activations quantized per batch at run time."""
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+    try:
+        with atomic_path(out) as tmp, _quiet_root_logger():
+            ort_quantize_dynamic(str(fp32_pre), str(tmp), per_channel=per_channel, reduce_range=recipe.reduce_range,
+                                 weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude or []), op_types_to_quantize=["MatMul", "Gemm"])
+    except CompressError:
+        raise
+    except Exception as exc:
+        raise CompressError(f"dynamic INT8 quantization failed: {str(exc).splitlines()[0][:300]}", kind="runtime") from exc
+    return {"fallback": None}
+
+
+def to_fp16(fp32: Path, out: Path, keep_io_fp32: bool = True) -> dict:
+    """FP16 weights and activations with ONNX Runtime's converter; graph inputs/outputs stay FP32 when keep_io_fp32
+    (the caller feeds and reads float32 as before), with Casts at the edges."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    try:
+        with warnings.catch_warnings(), _quiet_root_logger():
+            warnings.simplefilter("ignore")
+            model = convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=keep_io_fp32, disable_shape_infer=False)
+        _topological_sort(model.graph)  # the converter appends the input Casts after their consumers
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise CompressError(f"FP16 conversion failed: {str(exc).splitlines()[0][:300]}", kind="runtime") from exc
+    with atomic_path(out) as tmp:
+        onnx.save(model, str(tmp))
+    return {"fallback": None, "keep_io_fp32": keep_io_fp32}
+
+
+def _topological_sort(graph) -> None:
+    """Reorder graph.node in place so every node comes after the producers of its inputs (Kahn's algorithm, stable)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for n in pending:
+            (ordered if all(i in ready for i in n.input) else rest).append(n)
+            if ordered and ordered[-1] is n:
+                ready.update(n.output)
+        if len(rest) == len(pending):
+            raise ValueError(f"the graph has a cycle or a missing input at node {rest[0].name}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def quantize_with(recipe: Recipe, fp32: Path, fp32_pre: Path, out: Path, calib: np.ndarray, method: str = "minmax",
+                  per_channel: bool = True, exclude: list[str] | None = None, keep_io_fp32: bool = True) -> dict:
+    """Apply one recipe of any kind: static INT8 (calibrated on calib), dynamic INT8 or FP16 (from the unprocessed fp32)."""
+    if recipe.kind == "fp16":
+        return to_fp16(fp32, out, keep_io_fp32)
+    if recipe.kind == "dynamic":
+        return quantize_dynamic(fp32_pre, out, recipe, per_channel, exclude)
+    info = quantize_static(fp32_pre, out, recipe, calib, method, per_channel, exclude)
+    if recipe.name == "tensorrt":
+        problems = check_tensorrt_qdq(out, float_nodes=set(exclude or ()))
+        if problems:
+            raise CompressError(f"the TensorRT INT8 graph breaks TensorRT's Q/DQ rules at {len(problems)} place(s), first: {problems[0]}",
+                                kind="runtime")
+    return info
+
+
+def check_tensorrt_qdq(path_or_model, float_nodes=()) -> list[str]:
+    """Walk a Q/DQ graph node by node against what TensorRT's explicit quantization takes: every Quantize/DequantizeLinear
+    has a zero point that is int8 and 0 (symmetric, signed activations and weights); every Conv/ConvTranspose/Gemm/MatMul
+    weight comes through a DequantizeLinear of an int8 initializer with per-channel scales along the output-channel axis;
+    biases stay float initializers; no int32 (quantized) bias anywhere. Nodes named in float_nodes were kept in float on
+    purpose and are not checked. Returns the violations (empty: the graph is fine)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model), load_external_data=False)
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    bad = []
+    qdq = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    if not qdq:
+        return ["the graph has no QuantizeLinear/DequantizeLinear nodes"]
+    for n in qdq:
+        if len(n.input) < 3 or n.input[2] not in inits:
+            bad.append(f"{n.op_type} {n.name}: no constant zero point")
+            continue
+        zp = inits[n.input[2]]
+        if zp.data_type != onnx.TensorProto.INT8:
+            bad.append(f"{n.op_type} {n.name}: zero point is {onnx.TensorProto.DataType.Name(zp.data_type)}, not INT8")
+        elif numpy_helper.to_array(zp).any():
+            bad.append(f"{n.op_type} {n.name}: zero point is not 0 (asymmetric)")
+    for n in g.node:
+        if n.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(n.input) < 2 or n.name in float_nodes:
+            continue
+        dq = producers.get(n.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+            if n.input[1] in inits or (dq is not None and dq.op_type != "DequantizeLinear"):
+                bad.append(f"{n.op_type} {n.name}: weight {n.input[1]} is not quantized")
+            continue  # an activation × activation MatMul: both inputs come through Q/DQ pairs, checked above
+        w = inits[dq.input[0]]
+        if w.data_type != onnx.TensorProto.INT8:
+            bad.append(f"{n.op_type} {n.name}: weight is {onnx.TensorProto.DataType.Name(w.data_type)}, not INT8")
+        scale = numpy_helper.to_array(inits[dq.input[1]]) if dq.input[1] in inits else None
+        attrs = {a.name: a for a in n.attribute}
+        if n.op_type == "Conv" or (n.op_type == "Gemm" and "transB" in attrs and attrs["transB"].i == 1):
+            out_axis = 0
+        elif n.op_type == "ConvTranspose":
+            out_axis = 1
+        else:  # MatMul, Gemm without transB: weight is (in, out)
+            out_axis = len(w.dims) - 1
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        axis = axis + len(w.dims) if axis < 0 else axis
+        if scale is None or scale.ndim != 1 or axis != out_axis or len(scale) != w.dims[out_axis]:
+            bad.append(f"{n.op_type} {n.name}: weight scales are not per output channel (axis {axis}, {None if scale is None else scale.shape})")
+        if n.op_type in ("Conv", "ConvTranspose", "Gemm") and len(n.input) > 2 and n.input[2]:
+            b = n.input[2]
+            if b not in inits or inits[b].data_type != onnx.TensorProto.FLOAT:
+                bad.append(f"{n.op_type} {n.name}: bias {b} is not a float initializer")
+    bad += [f"initializer {t.name}: INT32 (a quantized bias)" for t in g.initializer if t.data_type == onnx.TensorProto.INT32]
+    return bad
+
+
+def sensitivity(fp32_pre: Path, qpath: Path, rows: np.ndarray) -> list[dict]:
+    """Rank the compute nodes of a Q/DQ model by the error they add. Every tensor the two models share is read from the
+    float model and from the quantized one on the same rows; a node's added error is the relative error of its output
+    minus the largest relative error among the float tensors its quantized inputs came from. A node reading an activation
+    with outliers (whose per-tensor scale crushes every other value) or with a badly quantized weight adds much; error
+    merely carried from upstream adds none. Returns [{"node", "op", "added_error", "error"}], worst first."""
+    import onnx
+
+    from .onnx_io import make_session
+
+    fmodel = onnx.load(str(fp32_pre), load_external_data=False)
+    qmodel = onnx.load(str(qpath), load_external_data=False)
+    ftensors = [o for n in fmodel.graph.node for o in n.output if o] + [i.name for i in fmodel.graph.input]
+    producer = {o: n for n in qmodel.graph.node for o in n.output}
+    consumers = {}
+    for n in qmodel.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def source(t: str) -> str:
+        """The float tensor a quantized input came from: back through DequantizeLinear <- QuantizeLinear."""
+        dq = producer.get(t)
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            q = producer.get(dq.input[0])
+            return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else ""  # a weight: no float tensor
+        return t
+
+    def landing(t: str) -> str:
+        """Where a node's output can be compared: itself, or the DequantizeLinear after its QuantizeLinear."""
+        if t in fset:
+            return t
+        for q in consumers.get(t, []):
+            if q.op_type == "QuantizeLinear":
+                for dq in consumers.get(q.output[0], []):
+                    if dq.op_type == "DequantizeLinear" and dq.output[0] in fset:
+                        return dq.output[0]
+        return ""
+
+    fset = set(ftensors)
+    nodes = []
+    for n in qmodel.graph.node:
+        if n.op_type not in _COMPUTE_OPS and n.op_type not in _INTEGER_OPS:
+            continue
+        out = landing(n.output[0])
+        ins = [source(i) for i in n.input if i]
+        if out:
+            nodes.append((n, out, [i for i in ins if i in fset]))
+    wanted = sorted({out for _, out, _ in nodes} | {i for _, _, ins in nodes for i in ins})
+    vals = {}
+    for model, key in ((fmodel, "f"), (qmodel, "q")):
+        have = {o.name for o in model.graph.output}
+        model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in wanted if t not in have and t not in {i.name for i in model.graph.input})
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / "m.onnx"
+            onnx.save(model, str(p))
+            sess = make_session(p, threads=None)
+            names = [o.name for o in sess.get_outputs()]
+            feed = sess.get_inputs()[0].name
+            vals[key] = dict(zip(names, sess.run(names, {feed: rows})))
+            vals[key].setdefault(feed, rows)
+    fop = {o: n.op_type for n in fmodel.graph.node for o in n.output}
+    err = {}
+    for t in wanted:
+        if t in vals["f"] and t in vals["q"]:
+            f, q = np.asarray(vals["f"][t], np.float64), np.asarray(vals["q"][t], np.float64)
+            if fop.get(t) == "Relu" and producer.get(t) is not None and producer[t].op_type != "Relu":
+                q = np.maximum(q, 0.0)  # the quantizer folded the Relu into the Q/DQ after it: the tensor is pre-Relu here
+            if f.shape == q.shape and f.size:
+                err[t] = float(np.linalg.norm(f - q) / (np.linalg.norm(f) + 1e-12))
+    ranked = [{"node": n.name, "op": _INTEGER_OPS.get(n.op_type, n.op_type), "error": err[out],
+               "added_error": err[out] - max([err.get(i, 0.0) for i in ins] or [0.0])}
+              for n, out, ins in nodes if out in err]
+    return sorted(ranked, key=lambda r: -r["added_error"])
+
+
+def quantized_nodes(path: Path) -> dict[str, str]:
+    """{node name: op type} of the compute nodes that run on Q/DQ inputs (what a tolerance search may keep in float)."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    produced_by = {o: n.op_type for n in g.node for o in n.output}
+    return {n.name: n.op_type for n in g.node if n.op_type in _COMPUTE_OPS | {"Add", "Mul", "Concat", "AveragePool", "MaxPool",
+                                                                              "GlobalAveragePool", "Relu", "Sigmoid"}
+            and any(produced_by.get(i) in ("DequantizeLinear", "DynamicQuantizeLinear") for i in n.input)
+            or n.op_type in ("MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul")}
 
 
 def qdq_summary(path: Path) -> dict:
@@ -158,6 +471,9 @@ def qdq_summary(path: Path) -> dict:
     weights = {t.name for t in g.initializer}
     int8, flt = {}, {}
     for n in g.node:
+        if n.op_type in _INTEGER_OPS:  # dynamic INT8 (QOperator form): counted under the float op it replaced
+            int8[_INTEGER_OPS[n.op_type]] = int8.get(_INTEGER_OPS[n.op_type], 0) + 1
+            continue
         if n.op_type not in _COMPUTE_OPS:
             continue
         if n.op_type.startswith("Gather") and not (n.input and (n.input[0] in weights or produced_by.get(n.input[0]) == "DequantizeLinear")):
