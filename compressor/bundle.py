@@ -127,8 +127,10 @@ def build_engine_script(target: dict, engines: list[dict], input_info: dict, bat
     return "\n".join(lines)
 
 
-def _engines(target: dict) -> list[dict]:
-    """The engines to build on the device and their flags, planned for the target profile's TensorRT version."""
+def _engines(target: dict, fp16_graph: bool = False) -> list[dict]:
+    """The engines to build on the device and their flags, planned for the target profile's TensorRT version. With the
+    run's FP16 graph (casts in the graph) the FP16 engine is built from it on any version; without it, only TensorRT
+    10.x can make one (its FP16 builder flag on the FP32 graph)."""
     from .export.tensorrt import plan_flags
 
     version = target["runtime"]["version"]
@@ -136,7 +138,9 @@ def _engines(target: dict) -> list[dict]:
               ("fp32", "student.onnx", "fp32", "fp32", "FP32 from the FP32 graph")]
     from .runtime.trt_core import parse_version
 
-    if parse_version(version)[0] < 11:  # TensorRT 11 has no FP16 flag: an FP16 engine would need an FP16 graph
+    if fp16_graph:
+        wanted.insert(1, ("fp16", "student.fp16.onnx", "fp16", "fp16", "FP16 from the FP16 graph (precision in the graph, strongly typed)"))
+    elif parse_version(version)[0] < 11:  # TensorRT 11 has no FP16 flag: an FP16 engine would need an FP16 graph
         wanted.insert(1, ("fp16", "student.onnx", "fp16", "fp32", "FP16 from the FP32 graph (TensorRT 10.x's FP16 builder flag)"))
     out = []
     for name, onnx_file, precision, graph, desc in wanted:
@@ -169,6 +173,8 @@ def make_bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bo
     report = load_report(run.path("report.json"))
     onnx_files = {"student.int8.onnx": run.path(quant["outputs"]["onnx_int8"]),
                   "student.onnx": run.path(run.stage("export")["outputs"]["onnx_fp32"])}
+    if "onnx_fp16" in quant["outputs"]:  # the run's FP16 graph, where the target takes FP16
+        onnx_files["student.fp16.onnx"] = run.path(quant["outputs"]["onnx_fp16"])
     for name, p in onnx_files.items():
         if not p.is_file():
             raise CompressError(f"{p} is missing from the run", hint=f"rerun 'compress {'quantize' if 'int8' in name else 'export'} {run.dir} --force'")
@@ -193,12 +199,12 @@ def make_bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bo
     for name, p in onnx_files.items():
         pred = run_session(make_session(p), x).argmax(1)
         row = by_path.get(os.path.relpath(p, run.dir), {})
-        onnx_info[name] = {"precision": "int8" if "int8" in name else "fp32", "params": int(distill["params"]),
+        onnx_info[name] = {"precision": "int8" if "int8" in name else "fp16" if "fp16" in name else "fp32", "params": int(distill["params"]),
                            "host_accuracy": row.get("accuracy"), "host_heldout_rows": int(report["data"]["heldout"]),
                            "host_accuracy_bundled_rows": float(np.mean(pred == y)), "host_agreement_bundled_rows": float(np.mean(pred == teacher_pred))}
     onnx_info["student.int8.onnx"]["recipe"] = quant["result"]["recipe"]
     input_info, output_info = _onnx_io(onnx_files["student.onnx"])
-    engines = _engines(target)
+    engines = _engines(target, fp16_graph="student.fp16.onnx" in onnx_files)
     classes = ds.class_names if ds.class_names else list(range(int(distill["num_classes"])))
     cfg = run.config.bench
     manifest = {

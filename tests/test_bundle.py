@@ -161,10 +161,13 @@ def test_build_engine_script_for_tensorrt_10_3(bundle10, tmp_path):
     assert set(lines) == {"student.int8.engine", "student.fp16.engine", "student.fp32.engine"}
     assert "--onnx=student.int8.onnx" in lines["student.int8.engine"] and "--int8" in lines["student.int8.engine"]
     assert "--fp16" not in lines["student.int8.engine"]  # a Q/DQ graph needs INT8, nothing more
-    assert "--fp16" in lines["student.fp16.engine"] and "--onnx=student.onnx" in lines["student.fp16.engine"]
+    # the run made an FP16 graph (the target takes FP16): its engine keeps the graph's types, no FP16 flag needed
+    assert "--onnx=student.fp16.onnx" in lines["student.fp16.engine"] and "--stronglyTyped" in lines["student.fp16.engine"]
+    assert "--fp16" not in lines["student.fp16.engine"]
     assert not any(f in lines["student.fp32.engine"] for f in ("--int8", "--fp16"))
-    for line in lines.values():
-        assert "--best" not in line and "--stronglyTyped" not in line and "--calib" not in line
+    for name, line in lines.items():
+        assert "--best" not in line and "--calib" not in line
+        assert ("--stronglyTyped" in line) == (name == "student.fp16.engine")
         assert f"--minShapes=input:1x{LENGTH}" in line and f"--optShapes=input:1x{LENGTH}" in line
         assert f'"--maxShapes=input:${{MAX_BATCH}}x{LENGTH}"' in line
     # run it against a stand-in trtexec: every engine is asked for, with the batch range expanded
@@ -186,12 +189,13 @@ def test_build_engine_script_for_tensorrt_11_is_strongly_typed(finished_run, tmp
     folder = Path(api.bundle(run)["dir"])
     m = validate_manifest(_manifest(folder))
     assert m["target"]["tensorrt_version"] == "11.0" and folder.name == "bundle-orin-trt11"
-    assert [e["name"] for e in m["engines"]] == ["int8", "fp32"]  # no FP16 flag in 11: an FP32 graph stays FP32
+    # no FP16 flag in 11: the FP16 engine comes from the run's FP16 graph (precision in the graph)
+    assert [(e["name"], e["onnx"]) for e in m["engines"]] == [("int8", "student.int8.onnx"), ("fp16", "student.fp16.onnx"), ("fp32", "student.onnx")]
     assert all(e["strongly_typed"] and e["builder_flags"] == [] for e in m["engines"])
     script = (folder / "build_engine.sh").read_text()
     assert subprocess.run(["bash", "-n", str(folder / "build_engine.sh")]).returncode == 0
     lines = _trtexec_lines(script)
-    assert set(lines) == {"student.int8.engine", "student.fp32.engine"}
+    assert set(lines) == {"student.int8.engine", "student.fp16.engine", "student.fp32.engine"}
     for line in lines.values():
         assert "--stronglyTyped" in line
         assert not any(f in line for f in ("--int8", "--fp16", "--best"))
@@ -236,7 +240,7 @@ def test_device_script_writes_a_valid_report_without_compressor(device_run):
     dev = validate_report(json.loads(dev_path.read_text()))
     assert dev["target"]["latency_measured_on"] == "target" and dev["target"]["name"] == TARGET
     assert dev["target"]["runtime"] == "onnxruntime"
-    assert [m["name"] for m in dev["models"]] == ["student onnx int8", "student onnx fp32"]  # no FP16 twin of the FP32 graph
+    assert [m["name"] for m in dev["models"]] == ["student onnx int8", "student onnx fp16", "student onnx fp32"]  # the run's FP16 graph too
     m = _manifest(folder)
     with np.load(folder / "heldout.npz") as npz:
         x, y, tp = npz["x"], npz["y"], npz["teacher_pred"]
@@ -259,7 +263,7 @@ def test_report_merge_folds_the_device_rows_in(device_run, cli):
         assert code == 0, err
         rep = load_report(run / "report.json")
         merged = [r for r in rep["models"] if "merged_from" in r]
-        assert [r["name"] for r in merged] == [f"student onnx int8 (on {TARGET})", f"student onnx fp32 (on {TARGET})"]
+        assert [r["name"] for r in merged] == [f"student onnx {p} (on {TARGET})" for p in ("int8", "fp16", "fp32")]
         assert [r for r in rep["models"] if "merged_from" not in r] == host_rows
     assert all(r["latency_measured_on"] == "target" and r["merged_from"]["report"] == "report.json" for r in merged)
     assert sum(n.startswith(f"Rows marked '(on {TARGET})'") for n in rep["notes"]) == 1

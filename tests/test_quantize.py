@@ -191,3 +191,14 @@ def test_quantization_aware_distillation_recovers_when_nothing_may_stay_float(ou
     assert any("fine-tuned with fake quantization" in n for n in rep["notes"])
     by = {m["name"]: m for m in rep["models"]}
     assert by["student onnx fp32"]["accuracy"] - by["student onnx int8"]["accuracy"] <= 0.03
+
+
+def test_tensorrt_rule_violation_is_an_error(outlier_model, monkeypatch):
+    """The stage never keeps a TensorRT-flavour graph that breaks the rules: a violation found by the walk is an error."""
+    from compressor.export import quantize as q
+
+    d, fp32, pre, x, _ = outlier_model
+    monkeypatch.setattr(q, "check_tensorrt_qdq", lambda path, float_nodes=(): ["DequantizeLinear w_dq: zero point is UINT8, not INT8"])
+    with pytest.raises(CompressError, match="breaks TensorRT's Q/DQ rules at 1 place.*UINT8") as e:
+        q.quantize_with(get_recipe("tensorrt"), fp32, pre, d / "bad.onnx", x[:50])
+    assert e.value.kind == "runtime"
