@@ -202,3 +202,49 @@ def test_tensorrt_rule_violation_is_an_error(outlier_model, monkeypatch):
     with pytest.raises(CompressError, match="breaks TensorRT's Q/DQ rules at 1 place.*UINT8") as e:
         q.quantize_with(get_recipe("tensorrt"), fp32, pre, d / "bad.onnx", x[:50])
     assert e.value.kind == "runtime"
+
+
+def test_entropy_calibration_clips_a_long_tail_that_minmax_keeps(tmp_path):
+    """Entropy calibration really searches for a threshold (2048 histogram bins), so on activations with a rare
+    outlier its input scale is smaller than minmax's; percentile clips too."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 16)).astype(np.float32)
+    x[::97] *= 40.0  # a few rows far out in the tail
+    fp32, pre = tmp_path / "m.onnx", tmp_path / "pre.onnx"
+    export_onnx(m, x, fp32, 17)
+    preprocess(fp32, pre)
+
+    def input_scale(method):
+        out = tmp_path / f"{method}.onnx"
+        quantize_with(get_recipe("cpu-u8s8"), fp32, pre, out, x, method=method)
+        g = onnx.load(str(out)).graph
+        q = next(n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
+        return float(onnx.numpy_helper.to_array(next(t for t in g.initializer if t.name == q.input[1])))
+
+    minmax, entropy, percentile = input_scale("minmax"), input_scale("entropy"), input_scale("percentile")
+    assert entropy < 0.8 * minmax and percentile < minmax, (minmax, entropy, percentile)
+
+
+def test_tensorrt_check_reads_float_weights_quantized_in_the_graph():
+    """Weights may also come as a float initializer -> QuantizeLinear -> DequantizeLinear (quantized when the engine is
+    built): their scales are checked per output channel all the same."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def graph(scale_shape):
+        w = numpy_helper.from_array(np.ones((4, 2, 3, 3), np.float32), "w")
+        ws = numpy_helper.from_array(np.full(scale_shape, 0.1, np.float32), "w_scale")
+        wz = numpy_helper.from_array(np.zeros(scale_shape, np.int8), "w_zp")
+        xs, xz = numpy_helper.from_array(np.array(0.1, np.float32), "x_scale"), numpy_helper.from_array(np.array(0, np.int8), "x_zp")
+        nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"], name="xq"),
+                 helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xd"], name="xd"),
+                 helper.make_node("QuantizeLinear", ["w", "w_scale", "w_zp"], ["wq"], name="wq", axis=0),
+                 helper.make_node("DequantizeLinear", ["wq", "w_scale", "w_zp"], ["wd"], name="wd", axis=0),
+                 helper.make_node("Conv", ["xd", "wd"], ["y"], name="conv")]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, ws, wz, xs, xz])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    assert check_tensorrt_qdq(graph((4,))) == []
+    assert any("per output channel" in p for p in check_tensorrt_qdq(graph((2,))))

@@ -120,6 +120,30 @@ def interleaved_latency(paths: dict[str, Path], one: np.ndarray, rounds: int) ->
     return {k: {"p50_ms": float(np.median(v)), "rounds": [round(t, 5) for t in v]} for k, v in p50s.items()}
 
 
+def kernel_profile(path: Path, one: np.ndarray, runs: int = 2000) -> dict:
+    """ONNX Runtime's profiler on the optimised graph at batch 1, one thread: each kernel's median time (µs) in
+    execution order, their sum, and the median whole run (which includes the session's own per-run cost)."""
+    import onnxruntime as ort
+
+    o = ort.SessionOptions()
+    o.enable_profiling, o.intra_op_num_threads, o.inter_op_num_threads, o.log_severity_level = True, 1, 1, 3
+    o.profile_file_prefix = str(path.with_suffix("")) + "-profile"
+    s = ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+    name = s.get_inputs()[0].name
+    for _ in range(runs):
+        s.run(None, {name: one})
+    prof = Path(s.end_profiling())
+    events = json.loads(prof.read_text())
+    prof.unlink()
+    kernels: dict[str, list] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            kernels.setdefault(e["name"][: -len("_kernel_time")] + "\t" + e["args"]["op_name"], []).append(e["dur"])
+    ks = [{"op": k.split("\t")[1], "us": float(np.median(v))} for k, v in kernels.items()]
+    return {"kernels": ks, "kernel_sum_us": float(sum(k["us"] for k in ks)),
+            "run_us": float(np.median([e["dur"] for e in events if e.get("name") == "model_run"]))}
+
+
 def bench_model(name: str, fp32: Path, x, y, xt, yt, work: Path, rounds: int) -> dict:
     from compressor.config import QuantizeConfig
     from compressor.export.onnx_io import make_session, run_session
@@ -166,6 +190,8 @@ def bench_model(name: str, fp32: Path, x, y, xt, yt, work: Path, rounds: int) ->
         rows[flavour].update(lat[flavour])
         rows[flavour]["speedup_vs_fp32"] = lat["fp32"]["p50_ms"] / lat[flavour]["p50_ms"]
         rows[flavour]["delta_points"] = 100 * (rows[flavour]["accuracy"] - rows["fp32"]["accuracy"])
+    for flavour in ("fp32", "int8 u8s8 minmax"):  # where the time goes, kernel by kernel (why INT8 pays or not)
+        rows[flavour]["profile"] = kernel_profile(paths[flavour], np.ascontiguousarray(xt[:1]))
     import onnx
 
     params = sum(int(np.prod(t.dims)) for t in onnx.load(str(fp32)).graph.initializer)
@@ -189,7 +215,35 @@ def render(res: dict) -> str:
             lines.append(f"| {label} | {100 * r['accuracy']:.2f} | {r['delta_points']:+.2f} | {100 * r['agreement_with_fp32']:.2f} | "
                          f"{r['p50_ms']:.4f} | {r['speedup_vs_fp32']:.2f}× | {r['size_bytes'] / 1024:.1f} | {ops} |")
         lines.append("")
+        for f in ("fp32", "int8 u8s8 minmax"):
+            p = m["flavours"][f].get("profile")
+            if p:
+                ks = ", ".join(f"{k['op']} {k['us']:.0f}" for k in p["kernels"])
+                lines.append(f"- {f} kernels (µs, ONNX Runtime profiler, execution order): {ks}; sum {p['kernel_sum_us']:.0f} µs, "
+                             f"whole run {p['run_us']:.0f} µs with the profiler on.")
+        lines.append("")
+    lines += NOTES
     return "\n".join(lines)
+
+
+NOTES = ["## Reading", "",
+         "- **Where INT8 pays.** Once convolutions carry real work (the ResNets: 173k parameters, 9 convolutions), u8 activations × s8 "
+         "weights run on VNNI and INT8 is 2.5–3× faster than FP32 for no accuracy lost; `cpu-auto` (what `compress quantize` does on the "
+         "`cpu` target) picks that recipe by timing every candidate here. MatMul-bound models gain less (the MLP: 1.4× static, 1.5× "
+         "dynamic), and there `cpu-auto` picks dynamic INT8.",
+         "- **Where it does not, and why.** The distilled 14k-parameter student at 16×16 spends ~40 µs in kernels either way: INT8 adds a "
+         "QuantizeLinear and an NCHW→NHWC Transpose at the input, a Transpose back and a DequantizeLinear at the output (2–3 µs each, "
+         "see the kernel lines), and its first convolution reads one input channel, too few for the INT8 GEMM (10 µs against 6 µs in "
+         "FP32). Those fixed costs exceed the arithmetic INT8 saves in three small convolutions. Keeping the first convolution in float "
+         "(tried: 0.0265 vs 0.0204 ms) or other calibrations do not change that. The tool measures both and its report says to ship FP32 "
+         "on this CPU when INT8 is slower; for a model this small FP32 is the right answer on a CPU.",
+         "- **Symmetric s8 activations (the `tensorrt` and `cpu-s8s8` recipes) are slow on this CPU**: ONNX Runtime keeps each ReLU as "
+         "DequantizeLinear → Relu → QuantizeLinear when the zero point is not the minimum of the range, and its s8×s8 kernels do not use "
+         "VNNI's u8×s8 form. That graph is for TensorRT, which fuses those; its CPU speed is not what a Jetson sees.",
+         "- **FP16 on a CPU** runs at FP32 speed or slower (ONNX Runtime's CPU kernels compute most ops in float32 after casts): it is "
+         "there for GPUs and Jetsons, and its accuracy here matches FP32.",
+         "- **Calibration methods** agree within a row or two of the held-out set on these models; entropy/percentile matter for "
+         "activations with long tails.", ""]
 
 
 def main() -> None:

@@ -132,6 +132,33 @@ _INTEGER_OPS = {"MatMulInteger": "MatMul", "ConvInteger": "Conv", "DynamicQuanti
                 "QLinearConv": "Conv", "QGemm": "Gemm"}
 
 
+# Entropy calibration searches for the clipping threshold among num_bins / num_quantized_bins candidates.
+# quantize_static builds its calibrator with 128 and 128, which leaves one candidate, the full range: "entropy" would
+# be minmax under another name. These are the values TensorRT's entropy calibrator uses (2048 bins, 128 levels).
+ENTROPY_BINS = {"num_bins": 2048, "num_quantized_bins": 128}
+
+
+@contextlib.contextmanager
+def _histogram_bins(method: str):
+    """Give ONNX Runtime's entropy calibrator real histogram bins (quantize_static passes no way to set them)."""
+    import importlib
+
+    ortq = importlib.import_module("onnxruntime.quantization.quantize")  # the module (the package re-exports a function of that name)
+    original = getattr(ortq, "create_calibrator", None)
+    if method != "entropy" or original is None:
+        yield
+        return
+
+    def create_calibrator(*args, extra_options=None, **kwargs):
+        return original(*args, extra_options={**ENTROPY_BINS, **(extra_options or {})}, **kwargs)
+
+    ortq.create_calibrator = create_calibrator
+    try:
+        yield
+    finally:
+        ortq.create_calibrator = original
+
+
 @contextlib.contextmanager
 def _quiet_root_logger():
     """ORT's quantizer warns through the root logger (e.g. per-channel axes on LayerNorm weights, which it then quantizes
@@ -169,7 +196,7 @@ def quantize_static(fp32_pre: Path, out: Path, recipe: Recipe, calib: np.ndarray
         dtype = None
 
     def run(op_types):
-        with atomic_path(out) as tmp, _quiet_root_logger():
+        with atomic_path(out) as tmp, _quiet_root_logger(), _histogram_bins(method):
             ort_quantize_static(
                 str(fp32_pre), str(tmp), _Reader(input_name, calib, dtype),
                 quant_format=QuantFormat.QDQ, activation_type=types[recipe.activation], weight_type=types[recipe.weight],
@@ -347,12 +374,14 @@ def check_tensorrt_qdq(path_or_model, float_nodes=()) -> list[str]:
         if n.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(n.input) < 2 or n.name in float_nodes:
             continue
         dq = producers.get(n.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+        q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        float_weight = q is not None and q.op_type == "QuantizeLinear" and q.input[0] in inits  # float -> Q -> DQ, quantized at build time
+        if dq is None or dq.op_type != "DequantizeLinear" or (dq.input[0] not in inits and not float_weight):
             if n.input[1] in inits or (dq is not None and dq.op_type != "DequantizeLinear"):
                 bad.append(f"{n.op_type} {n.name}: weight {n.input[1]} is not quantized")
             continue  # an activation × activation MatMul: both inputs come through Q/DQ pairs, checked above
-        w = inits[dq.input[0]]
-        if w.data_type != onnx.TensorProto.INT8:
+        w = inits[q.input[0]] if float_weight else inits[dq.input[0]]
+        if not float_weight and w.data_type != onnx.TensorProto.INT8:
             bad.append(f"{n.op_type} {n.name}: weight is {onnx.TensorProto.DataType.Name(w.data_type)}, not INT8")
         scale = numpy_helper.to_array(inits[dq.input[1]]) if dq.input[1] in inits else None
         attrs = {a.name: a for a in n.attribute}
