@@ -39,6 +39,19 @@ def _p50(path: Path, one: np.ndarray) -> float:
     return measure(lambda: sess.run(None, {name: one}), min_runs=100, min_duration_s=0.3)["p50"]
 
 
+def _retime(trials: list[dict], one: np.ndarray, rounds: int = 3) -> None:
+    """Time the candidates again in interleaved rounds and keep each one's median p50: at tens of microseconds a single
+    measurement per candidate is at the mercy of whatever else the machine did at that moment."""
+    sessions = [make_session(t["path"], threads=1) for t in trials]
+    name = sessions[0].get_inputs()[0].name
+    p50s = [[t["p50_ms_1thread"]] for t in trials]
+    for _ in range(rounds - 1):
+        for sess, acc in zip(sessions, p50s):
+            acc.append(measure(lambda: sess.run(None, {name: one}), min_runs=100, min_duration_s=0.2)["p50"])
+    for t, acc in zip(trials, p50s):
+        t["p50_ms_1thread"] = float(np.median(acc))
+
+
 def evaluate(path: Path, val: Validation, fp32_score: float) -> dict:
     """Accuracy (or agreement), its drop in points against FP32, agreement with FP32, batch-1 p50 on one thread."""
     logits = run_session(make_session(path, threads=None), val.x)
@@ -59,9 +72,16 @@ def choose_int8(fp32: Path, pre: Path, candidates: list[str], calib: np.ndarray,
         info = quantize_with(get_recipe(name), fp32, pre, path, calib, cfg.calibrate_method, cfg.per_channel, exclude=cfg.exclude_nodes)
         trials.append({"recipe": name, **evaluate(path, val, fp32_score), "fallback": info["fallback"], "path": path,
                        "kept_float": list(cfg.exclude_nodes or [])})
+    if len(trials) > 1:
+        _retime(trials, val.x[:1])
     ok = [t for t in trials if t["drop_points"] <= cfg.int8_tolerance]
     if ok:
-        return {**min(ok, key=lambda t: t["p50_ms_1thread"]), "trials": trials, "search": None}
+        # the fastest, where faster means by more than 3%: otherwise the earlier candidate (the CPU's preferred recipe)
+        best = ok[0]
+        for t in ok[1:]:
+            if t["p50_ms_1thread"] < 0.97 * best["p50_ms_1thread"]:
+                best = t
+        return {**best, "trials": trials, "search": None}
     static = [t for t in trials if get_recipe(t["recipe"]).kind == "static"] or trials
     base = max(static, key=lambda t: (t["score"], -t["p50_ms_1thread"]))
     best = {**base, "trials": trials, "search": None}
