@@ -83,6 +83,19 @@ def test_auto_candidates_follow_the_cpu_and_the_model(outlier_model, tmp_path):
     export_onnx(nn.Sequential(nn.Conv1d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 18, 3)), np.zeros((2, 1, 20), np.float32), conv, 17)
     assert "cpu-dynamic" not in auto_candidates("cpu-auto", conv, vnni=True)
     assert auto_candidates("tensorrt", conv, vnni=True) == ["tensorrt"]
+    assert "cpu-u8s8-float-stem" not in auto_candidates("cpu-auto", fp32, vnni=True)  # no convolution, no stem
+    # a stem convolution reading one channel: the float-stem variant is tried, and keeps exactly that conv in float
+    assert auto_candidates("cpu-auto", conv, vnni=True)[:2] == ["cpu-u8s8", "cpu-u8s8-float-stem"]
+    deep = tmp_path / "deep.onnx"
+    export_onnx(nn.Sequential(nn.Conv1d(1, 8, 3), nn.ReLU(), nn.Conv1d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 16, 3)),
+                np.zeros((2, 1, 20), np.float32), deep, 17)
+    pre = tmp_path / "deep.pre.onnx"
+    preprocess(deep, pre)
+    q = tmp_path / "deep.q.onnx"
+    sig = np.random.default_rng(0).standard_normal((64, 1, 20)).astype(np.float32)
+    quantize_with(get_recipe("cpu-u8s8-float-stem"), deep, pre, q, sig)
+    assert qdq_summary(q) == {"int8": {"Conv": 1, "Gemm": 1}, "float": {"Conv": 1}}
+    assert compare(run_session(make_session(deep), sig), run_session(make_session(q), sig))["agreement"] >= 0.9
 
 
 def test_dynamic_int8_and_fp16_flavours_match_fp32(tmp_path):

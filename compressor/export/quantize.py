@@ -26,6 +26,7 @@ class Recipe:
     weight: str = "s8"
     extra: dict = field(default_factory=dict)
     reduce_range: bool = False
+    float_stem: bool = False  # keep convolutions that read ≤ STEM_CHANNELS input channels in float
 
     @property
     def precision(self) -> str:
@@ -38,6 +39,8 @@ _RECIPES = {
         Recipe("tensorrt", "TensorRT explicit Q/DQ: symmetric s8 activations and per-channel s8 weights, zero point 0, float biases",
                activation="s8", extra={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}),
         Recipe("cpu-u8s8", "ONNX Runtime CPU: asymmetric u8 activations, symmetric s8 weights (fast with VNNI)", activation="u8"),
+        Recipe("cpu-u8s8-float-stem", "cpu-u8s8 with the stem convolution (≤4 input channels, e.g. the image itself) kept in float: "
+               "too few channels for the INT8 GEMM, and one Q/DQ boundary fewer", activation="u8", float_stem=True),
         Recipe("cpu-s8s8", "ONNX Runtime CPU: symmetric s8 activations and weights", activation="s8",
                extra={"ActivationSymmetric": True, "WeightSymmetric": True}),
         Recipe("cpu-u8s8-reduced", "u8 activations with 7-bit weights, for CPUs without VNNI (avoids u8×s8 saturation)", activation="u8",
@@ -48,7 +51,22 @@ _RECIPES = {
     )
 }
 # "auto" recipes: every candidate is built, measured on this CPU, and the fastest within the accuracy tolerance wins.
-AUTO_CANDIDATES = {"cpu-auto": ("cpu-u8s8", "cpu-s8s8", "cpu-u8s8-reduced", "cpu-dynamic")}
+AUTO_CANDIDATES = {"cpu-auto": ("cpu-u8s8", "cpu-u8s8-float-stem", "cpu-s8s8", "cpu-u8s8-reduced", "cpu-dynamic")}
+STEM_CHANNELS = 4
+
+
+def stem_convs(model) -> list[str]:
+    """Names of the ordinary (group 1) convolutions that read at most STEM_CHANNELS input channels: with a reduction
+    of C_in × k × k ≤ 36 they are too thin for the INT8 GEMM kernels to beat float."""
+    from onnx import numpy_helper  # noqa: F401  (onnx is loaded by the caller)
+
+    inits = {t.name: t for t in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        if n.op_type == "Conv" and group == 1 and len(n.input) > 1 and n.input[1] in inits and inits[n.input[1]].dims[1] <= STEM_CHANNELS:
+            out.append(n.name)
+    return out
 
 
 def list_recipes(precision: str | None = None) -> list[str]:
@@ -71,10 +89,13 @@ def auto_candidates(name: str, fp32: Path, vnni: bool) -> list[str]:
         return [name]
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(fp32), load_external_data=False).graph.node}
+    model = onnx.load(str(fp32), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node}
     out = list(AUTO_CANDIDATES[name])
     if vnni:
         out.remove("cpu-u8s8-reduced")
+    if not stem_convs(model):
+        out.remove("cpu-u8s8-float-stem")
     if ops & {"Conv", "ConvTranspose"} or not ops & {"MatMul", "Gemm"}:
         out.remove("cpu-dynamic")
     return out
@@ -204,6 +225,8 @@ def quantize_static(fp32_pre: Path, out: Path, recipe: Recipe, calib: np.ndarray
                 extra_options=dict(recipe.extra), op_types_to_quantize=op_types, nodes_to_exclude=list(exclude or []),
             )
 
+    if recipe.float_stem:
+        exclude = list(exclude or []) + [n for n in stem_convs(onnx.load(str(fp32_pre), load_external_data=False)) if n not in (exclude or [])]
     if exclude:
         exclude = _with_passthrough_producers(fp32_pre, exclude)
     try:
