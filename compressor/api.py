@@ -443,6 +443,27 @@ def bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bool = 
     return info
 
 
+def gate(current: str | Path, baseline: str | Path, config=None):
+    """Compare a report.json with a baseline report.json (compressor.gate); returns the GateResult (.passed, .checks)."""
+    from .bench.report import load_report
+    from .config import GateConfig
+    from .gate import gate as run_gate
+
+    cur, base = _report_for(current, "current report"), _report_for(baseline, "baseline")
+    return run_gate(load_report(cur), load_report(base), config or GateConfig())
+
+
+def _report_for(path: str | Path, what: str) -> Path:
+    """A report.json, or a run directory holding one."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "report.json"
+    if not p.is_file():
+        raise CompressError(f"{what} {p} does not exist" + ("" if p.parent.exists() else " (nor does its folder)"),
+                            hint="pass a report.json written by 'compress bench' (or its run directory)")
+    return p
+
+
 # ---------------------------------------------------------------------------------------------
 def compress(cfg: CompressConfig, out: str | Path | None = None, *, force: bool = False, resume: bool = False) -> dict:
     """The whole pipeline: distill, export, quantize, bench, report; returns the report."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .config import BenchConfig, CompressConfig, DataConfig, DistillConfig, ExportConfig, QuantizeConfig
+from .config import BenchConfig, CompressConfig, DataConfig, DistillConfig, ExportConfig, GateConfig, QuantizeConfig
 from .errors import EXIT_BUG, EXIT_INTERRUPTED, CompressError
 
 log = logging.getLogger("compressor")
@@ -306,15 +306,16 @@ def quantize_cmd(run_dir, recipe, calibration_rows, calibrate_method, per_channe
 @click.option("--threads", type=click.IntRange(min=1), help=f"CPU threads for every runner (default {BenchConfig.threads}).")
 @click.option("--min-runs", type=click.IntRange(min=1), help=f"Minimum timed runs per model (default {BenchConfig.min_runs}).")
 @click.option("--min-duration", "min_duration_s", type=click.FloatRange(min=0), help=f"Minimum timed seconds per model (default {BenchConfig.min_duration_s:g}).")
+@click.option("--repeat", type=click.IntRange(min=1), help="Time every model in N interleaved rounds; the report keeps each round's p50 (what 'compress gate' tests statistically) and the median as p50 (default 1).")
 @force_opt
-def bench_cmd(run_dir, threads, min_runs, min_duration_s, force):
+def bench_cmd(run_dir, threads, min_runs, min_duration_s, repeat, force):
     """Measure accuracy, agreement and latency of every variant; write report.json (stage 4)."""
     from .api import bench, report
     from .bench.report import print_table
     from .run import Run
 
     _log_to(run_dir)
-    cfg = Run.open(run_dir).config.bench.replace(threads=threads, min_runs=min_runs, min_duration_s=min_duration_s)
+    cfg = Run.open(run_dir).config.bench.replace(threads=threads, min_runs=min_runs, min_duration_s=min_duration_s, repeat=repeat)
     rep = bench(run_dir, cfg, force=force)
     report(run_dir)
     print_table(rep)
@@ -345,6 +346,65 @@ def bundle_cmd(run_dir, out, force):
     click.echo(f"bundle: {info['dir']}\ntarball: {info['tarball']}\n"
                f"on the device: bash build_engine.sh && python3 run_on_device.py; "
                f"then here: compress report {run_dir} --merge report.json")
+
+
+@cli.command("gate")
+@click.argument("current", type=click.Path(path_type=Path))
+@click.option("--baseline", required=True, type=click.Path(path_type=Path), help="The baseline report.json (or its run directory), e.g. one kept in your repository.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="A gate.toml with thresholds and [[floor]] tables (flags override it).")
+@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), help=f"Accuracy points a model may lose (default {GateConfig.max_accuracy_drop:g}).")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), help="Fraction of held-out rows each student must agree with the teacher on (default: not checked).")
+@click.option("--max-latency-regression", type=click.FloatRange(min=0), help=f"Fraction a latency may grow (default {GateConfig.max_latency_regression:g}; on ratios to the teacher measured inside each run).")
+@click.option("--max-size-growth", type=click.FloatRange(min=0), help=f"Fraction a model file may grow (default {GateConfig.max_size_growth:g}).")
+@click.option("--absolute-latency", is_flag=True, default=None, help="Compare p50s themselves instead of ratios; both reports must come from the same host.")
+@click.option("--floor", "floors", multiple=True, help="An absolute floor, MODEL:METRIC>=VALUE or <=VALUE, e.g. 'student onnx int8:accuracy>=0.93' (repeatable).")
+@click.option("--junit", type=click.Path(path_type=Path), help="Also write JUnit XML here (one test case per check).")
+@click.option("--markdown", type=click.Path(path_type=Path), help="Also write the Markdown summary here (it is appended to $GITHUB_STEP_SUMMARY when set).")
+@click.option("--update-baseline", is_flag=True, help="After comparing, write CURRENT as the new baseline (atomically) and exit 0.")
+def gate_cmd(current, baseline, config_path, max_accuracy_drop, min_agreement, max_latency_regression, max_size_growth, absolute_latency,
+             floors, junit, markdown, update_baseline):
+    """Compare CURRENT (a report.json or run directory) with a baseline report: exit 0 pass, 1 regression, 2 bad input."""
+    from ._io import write_text
+    from .api import _report_for
+    from .bench.report import load_report
+    from .gate import gate, github_summary, junit_xml, load_gate_config, print_table, render_markdown
+
+    cur_path = _report_for(current, "current report")
+    base_path = Path(baseline) / "report.json" if Path(baseline).is_dir() else Path(baseline)
+    if update_baseline and not base_path.exists():  # the first baseline: nothing to compare yet
+        load_report(cur_path)
+        write_text(base_path, cur_path.read_text(encoding="utf-8"))
+        click.echo(f"gate: no baseline yet; wrote {cur_path} as {base_path}")
+        return
+    parsed = [_parse_floor(f) for f in floors]
+    cfg = load_gate_config(config_path, extra_floors=parsed, max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement,
+                           max_latency_regression=max_latency_regression, max_size_growth=max_size_growth,
+                           absolute_latency=absolute_latency or None)
+    cur, base = load_report(cur_path), load_report(_report_for(base_path, "baseline"))
+    res = gate(cur, base, cfg)
+    print_table(res)
+    md = render_markdown(res, str(cur_path), str(base_path))
+    if markdown:
+        write_text(markdown, md)
+    github_summary(md)
+    if junit:
+        write_text(junit, junit_xml(res))
+    if update_baseline:
+        write_text(base_path, cur_path.read_text(encoding="utf-8"))
+        click.echo(f"gate: wrote {cur_path} as the new baseline {base_path}")
+        return
+    if not res.passed:
+        raise click.exceptions.Exit(1)
+
+
+def _parse_floor(text: str) -> dict:
+    import re
+
+    m = re.fullmatch(r"\s*(.+?)\s*:\s*(\w+)\s*(>=|<=)\s*([-+0-9.eE]+)\s*", text)
+    if not m:
+        raise click.BadParameter(f"'{text}' is not MODEL:METRIC>=VALUE or MODEL:METRIC<=VALUE", param_hint="--floor")
+    model, metric, op, value = m.groups()
+    return {"model": model, "metric": metric, ("min" if op == ">=" else "max"): float(value)}
 
 
 @cli.command("targets")
@@ -397,8 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _term)
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        cli.main(args=argv, prog_name="compress", standalone_mode=False)
-        return 0
+        rv = cli.main(args=argv, prog_name="compress", standalone_mode=False)
+        # click returns an Exit's code instead of raising it when not standalone (compress gate's exit 1)
+        return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
     except click.exceptions.Abort:
         click.echo(f"interrupted. Resume with: {_resume_command()}", err=True)
         return EXIT_INTERRUPTED

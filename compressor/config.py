@@ -135,6 +135,20 @@ class QuantizeConfig(_Config):
 
 
 @dataclass
+class GateConfig(_Config):
+    """compress gate's thresholds (a gate.toml holds the same keys; floors as [[floor]] tables)."""
+
+    max_accuracy_drop: float = 0.5  # accuracy points a model may lose against the baseline
+    min_agreement: float | None = None  # fraction of held-out rows a student must agree with the teacher on
+    max_latency_regression: float = 0.10  # fraction a latency (ratio, by default) may grow
+    max_size_growth: float = 0.10  # fraction a file may grow
+    absolute_latency: bool = False  # compare p50s themselves (same host only) instead of ratios inside each run
+    alpha: float = 0.05  # significance of the one-sided Mann-Whitney U test when both reports have --repeat rounds
+    models: list[str] | None = None  # gate only these (names or role/format/precision); default every baseline model
+    floors: list[dict] | None = None  # [{"model": "student onnx int8", "metric": "accuracy", "min": 0.93}]
+
+
+@dataclass
 class BenchConfig(_Config):
     """Accuracy on the full held-out set and batch-1 latency on this host."""
 
@@ -145,6 +159,7 @@ class BenchConfig(_Config):
     min_runs: int = 200
     min_duration_s: float = 1.0
     eval_batch_size: int = 1024
+    repeat: int = 1  # >1: latency measured in this many interleaved rounds over all models (samples for compress gate)
 
 
 @dataclass

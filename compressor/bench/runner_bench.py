@@ -20,13 +20,17 @@ def _params_onnx(path: Path) -> int:
     return int(sum(int(np.prod(t.dims)) for t in m.graph.initializer if t.data_type == onnx.TensorProto.FLOAT))
 
 
+def _latency(runner: Runner, run, cfg: BenchConfig) -> dict:
+    x1 = np.ascontiguousarray(run.data.x_test[: cfg.batch_size])
+    return measure(lambda: runner.infer(x1), warmup_ms=cfg.warmup_ms, warmup_runs=cfg.warmup_runs,
+                   min_runs=cfg.min_runs, min_duration_s=cfg.min_duration_s)
+
+
 def _one(name: str, role: str, precision: str, runner: Runner, path: Path, params: int, run, cfg: BenchConfig, teacher_pred) -> tuple[dict, np.ndarray]:
     ds = run.data
     with runner:
         logits = infer_batched(runner, ds.x_test, cfg.eval_batch_size)
-        x1 = np.ascontiguousarray(ds.x_test[: cfg.batch_size])
-        lat = measure(lambda: runner.infer(x1), warmup_ms=cfg.warmup_ms, warmup_runs=cfg.warmup_runs,
-                      min_runs=cfg.min_runs, min_duration_s=cfg.min_duration_s)
+        lat = _latency(runner, run, cfg)
     pred = logits.argmax(1)
     desc = runner.describe()
     return {
@@ -50,9 +54,11 @@ def bench_models(run, cfg: BenchConfig) -> list[dict]:
     t_cfg = replace(cfg, warmup_ms=0.0, warmup_runs=1, min_runs=min(cfg.min_runs, 10), min_duration_s=0.0) if hasattr(teacher, "answers") else cfg
     teacher_row, teacher_pred = _one("teacher", "teacher", "fp32", t_runner, teacher.path, teacher.num_params() or 0, run, t_cfg, None)
     rows = [teacher_row]
+    runners = [(teacher_row, t_runner, t_cfg)]
 
     def add(*args):
         rows.append(_one(*args, run, cfg, teacher_pred)[0])
+        runners.append((rows[-1], args[3], cfg))
 
     add("student", "student", "fp32", TorchRunner(run.load_trained("student"), threads), run.path("student.pt"),
         student_params)
@@ -67,4 +73,22 @@ def bench_models(run, cfg: BenchConfig) -> list[dict]:
         add("student onnx fp16", "student", "fp16", OnnxRuntimeRunner(fp16, threads), fp16, student_params)
     int8 = run.path(outputs["onnx_int8"])
     add("student onnx int8", "student", "int8", OnnxRuntimeRunner(int8, threads), int8, student_params)
+    if cfg.repeat > 1:
+        _rounds(runners, run, cfg)
     return rows
+
+
+def _rounds(runners: list, run, cfg: BenchConfig) -> None:
+    """--repeat N: N - 1 more latency rounds, every model once per round in turn, so a burst of other work on the
+    machine hits every model alike. Each row keeps its rounds' p50s ("samples_p50", what compress gate tests) and
+    reports their median as p50. A black-box teacher is not asked again (its calls may cost money)."""
+    samples = [[row["latency_ms"]["p50"]] for row, _, _ in runners]
+    for _ in range(cfg.repeat - 1):
+        for (row, runner, rcfg), acc in zip(runners, samples):
+            if rcfg is not cfg:
+                continue
+            with runner:
+                acc.append(_latency(runner, run, cfg)["p50"])
+    for (row, _, rcfg), acc in zip(runners, samples):
+        if len(acc) > 1:
+            row["latency_ms"].update(samples_p50=[float(v) for v in acc], p50=float(np.median(acc)), rounds=len(acc))

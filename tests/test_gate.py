@@ -1,0 +1,194 @@
+"""compress gate: exit codes (0 pass, 1 regression, 2 bad input), ratio vs absolute latency, the Mann-Whitney rule on
+repeated rounds, floors and config files, JUnit XML (parsed with junitparser), the Markdown summary, --update-baseline,
+and compress bench --repeat writing the rounds the gate tests."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compressor import api
+from compressor.bench.report import validate_report
+from compressor.cli import main
+from compressor.config import BenchConfig, CompressConfig, DataConfig, DistillConfig, GateConfig
+from compressor.gate import gate
+
+BASE = json.loads((Path(__file__).parent / "data" / "report.json").read_text())
+
+
+def _write(path: Path, rep: dict) -> Path:
+    path.write_text(json.dumps(rep))
+    return path
+
+
+def _model(rep: dict, name: str) -> dict:
+    return next(m for m in rep["models"] if m["name"] == name)
+
+
+def _run(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def reports(tmp_path):
+    return _write(tmp_path / "base.json", BASE), tmp_path
+
+
+def _regressed() -> dict:
+    rep = copy.deepcopy(BASE)
+    m = _model(rep, "student onnx int8")
+    m["accuracy"] -= 0.05  # 5 points
+    for k in ("p50", "p90", "p99", "mean"):
+        m["latency_ms"][k] *= 2.0
+    return rep
+
+
+def test_same_report_passes(reports, capsys):
+    base, _ = reports
+    code, out, _ = _run(capsys, "gate", base, "--baseline", base)
+    assert code == 0 and "gate PASS" in out and "0 failed" in out
+
+
+def test_lost_accuracy_and_doubled_latency_fail_with_exit_1(reports, capsys):
+    base, tmp = reports
+    cur = _write(tmp / "cur.json", _regressed())
+    code, out, _ = _run(capsys, "gate", cur, "--baseline", base)
+    assert code == 1 and "gate FAIL" in out
+    res = gate(_regressed(), BASE, GateConfig())
+    assert {(c.model, c.check) for c in res.failed} == {("student onnx int8", "accuracy"), ("student onnx int8", "latency")}
+
+
+@pytest.mark.parametrize("case", ["missing", "not-json", "invalid-schema", "missing-baseline", "bad-config", "bad-floor"])
+def test_bad_input_exits_2_with_one_line(reports, capsys, case):
+    base, tmp = reports
+    args = ["gate", base, "--baseline", base]
+    if case == "missing":
+        args[1] = tmp / "nope.json"
+    elif case == "not-json":
+        args[1] = tmp / "bad.json"
+        args[1].write_text("{not json")
+    elif case == "invalid-schema":
+        bad = copy.deepcopy(BASE)
+        del bad["models"][0]["accuracy"]
+        args[1] = _write(tmp / "invalid.json", bad)
+    elif case == "missing-baseline":
+        args[3] = tmp / "no-baseline.json"
+    elif case == "bad-config":
+        (tmp / "gate.toml").write_text("max_accuracy_drop = [")
+        args += ["--config", tmp / "gate.toml"]
+    else:
+        args += ["--floor", "student accuracy at least 0.9"]
+    code, _, err = _run(capsys, *args)
+    assert code == 2, err
+    assert len([ln for ln in err.strip().splitlines() if ln.strip()]) <= 3 and err.strip()
+
+
+def test_ratios_survive_a_slower_machine_and_absolute_latency_needs_the_same_host(reports, capsys):
+    base, tmp = reports
+    slower = copy.deepcopy(BASE)  # every model 3x slower: another CI runner, same model
+    for m in slower["models"]:
+        for k in ("p50", "p90", "p99", "mean"):
+            m["latency_ms"][k] *= 3.0
+    cur = _write(tmp / "slower.json", slower)
+    assert _run(capsys, "gate", cur, "--baseline", base)[0] == 0
+    assert _run(capsys, "gate", cur, "--baseline", base, "--absolute-latency")[0] == 1  # same host: really slower
+    other = copy.deepcopy(slower)
+    other["host"]["cpu"] = "Another CPU"
+    code, _, err = _run(capsys, "gate", _write(tmp / "other.json", other), "--baseline", base, "--absolute-latency")
+    assert code == 2 and "same host" in err
+
+
+def _with_rounds(rep: dict, rng, scale: dict[str, float] | None = None, outlier: str | None = None, rounds: int = 7) -> dict:
+    """Every model gets `rounds` p50 samples with 3% noise (a model in scale is that much slower); outlier: one round
+    of that model is 3x slower (a burst of other work)."""
+    rep = copy.deepcopy(rep)
+    for m in rep["models"]:
+        s = (scale or {}).get(m["name"], 1.0)
+        samples = m["latency_ms"]["p50"] * s * (1 + 0.03 * rng.standard_normal(rounds))
+        if m["name"] == outlier:
+            samples[2] *= 3.0
+        m["latency_ms"].update(samples_p50=[float(v) for v in samples], p50=float(np.median(samples)), rounds=rounds)
+    return validate_report(rep)
+
+
+def test_repeated_rounds_use_mann_whitney_and_an_effect_size():
+    rng = np.random.default_rng(0)
+    base = _with_rounds(BASE, rng)
+    same = gate(_with_rounds(BASE, rng), base, GateConfig())
+    assert same.passed and any("Mann-Whitney" in c.limit for c in same.checks)
+    burst = gate(_with_rounds(BASE, rng, outlier="student onnx fp32"), base, GateConfig())
+    assert burst.passed, [c for c in burst.failed]  # one slow round is not a regression
+    slow = gate(_with_rounds(BASE, rng, scale={"student onnx fp32": 1.3}), base, GateConfig())
+    assert [(c.model, c.check) for c in slow.failed] == [("student onnx fp32", "latency")]
+    small = gate(_with_rounds(BASE, rng, scale={"student onnx fp32": 1.05}), base, GateConfig())
+    assert small.passed  # significant, perhaps, but under the 10% effect threshold
+
+
+def test_floors_from_config_and_flags(reports, capsys):
+    base, tmp = reports
+    (tmp / "gate.toml").write_text('max_accuracy_drop = 1.0\n\n[[floor]]\nmodel = "student onnx int8"\nmetric = "accuracy"\nmin = 0.99\n')
+    code, out, _ = _run(capsys, "gate", base, "--baseline", base, "--config", tmp / "gate.toml")
+    assert code == 1 and "floor accuracy" in out
+    code, _, _ = _run(capsys, "gate", base, "--baseline", base, "--floor", "student onnx int8:accuracy>=0.9", "--floor", "student/onnx/fp32:latency_ms<=1")
+    assert code == 0
+
+
+def test_missing_model_is_a_regression(reports, capsys):
+    base, tmp = reports
+    rep = copy.deepcopy(BASE)
+    rep["models"] = [m for m in rep["models"] if m["name"] != "student onnx int8"]
+    code, out, _ = _run(capsys, "gate", _write(tmp / "cur.json", rep), "--baseline", base)
+    assert code == 1 and "missing" in out
+
+
+def test_junit_xml_parses_and_markdown_goes_to_the_step_summary(reports, capsys, monkeypatch):
+    from junitparser import Failure, JUnitXml, Skipped
+
+    base, tmp = reports
+    cur = _write(tmp / "cur.json", _regressed())
+    summary = tmp / "summary.md"
+    summary.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    code, _, _ = _run(capsys, "gate", cur, "--baseline", base, "--junit", tmp / "gate.xml", "--markdown", tmp / "gate.md")
+    assert code == 1
+    xml = JUnitXml.fromfile(str(tmp / "gate.xml"))
+    cases = [c for suite in xml for c in suite]
+    failed = {(c.classname, c.name) for c in cases if any(isinstance(r, Failure) for r in c.result)}
+    assert failed == {("student onnx int8", "accuracy"), ("student onnx int8", "latency")}
+    assert any(isinstance(r, Skipped) for c in cases for r in c.result)  # the reference's own latency
+    assert len(cases) == len(gate(_regressed(), BASE, GateConfig()).checks)
+    text = summary.read_text()
+    assert text.startswith("earlier step\n")  # appended, not overwritten
+    assert "### compress gate: FAIL" in text and "| student onnx int8 | accuracy |" in text and "❌ fail" in text
+    assert (tmp / "gate.md").read_text().strip() in text
+
+
+def test_update_baseline_writes_the_current_report(reports, capsys):
+    base, tmp = reports
+    cur = _write(tmp / "cur.json", _regressed())
+    code, out, _ = _run(capsys, "gate", cur, "--baseline", base, "--update-baseline")
+    assert code == 0 and "new baseline" in out
+    assert json.loads(base.read_text()) == _regressed()
+    assert not list(tmp.glob(".*.tmp"))
+    first = tmp / "fresh" / "baseline.json"
+    first.parent.mkdir()
+    assert _run(capsys, "gate", cur, "--baseline", first, "--update-baseline")[0] == 0  # no baseline yet: it becomes one
+    assert json.loads(first.read_text()) == _regressed()
+
+
+def test_bench_repeat_records_rounds_the_gate_reads(tiny, tmp_path, capsys):
+    cfg = CompressConfig(teacher=str(tiny.torchscript), data=DataConfig(source=str(tiny.npz)), target="cpu",
+                         distill=DistillConfig(steps=60, evals=2, device="cpu"),
+                         bench=BenchConfig(min_runs=5, min_duration_s=0.01, warmup_ms=1, warmup_runs=1))
+    api.compress(cfg, out=tmp_path / "run")
+    rep = api.bench(tmp_path / "run", BenchConfig(min_runs=5, min_duration_s=0.01, warmup_ms=1, warmup_runs=1, repeat=3), force=True)
+    for m in rep["models"]:
+        s = m["latency_ms"]["samples_p50"]
+        assert len(s) == 3 and m["latency_ms"]["p50"] == pytest.approx(float(np.median(s)))
+    code, out, _ = _run(capsys, "gate", tmp_path / "run", "--baseline", tmp_path / "run" / "report.json")
+    assert code == 0 and "p = " in out  # the rounds were tested
