@@ -27,11 +27,11 @@ def test_help_is_fast_and_imports_no_heavy_library():
     assert proc.returncode == 0, proc.stderr
     assert "Usage: compress" in proc.stdout
     assert proc.stdout.strip().splitlines()[-1] == "RC 0 False False False", proc.stdout[-500:]
-    for cmd in ("distill", "export", "quantize", "bench", "report", "targets"):
+    for cmd in ("distill", "export", "quantize", "bench", "report", "bundle", "gate", "targets"):
         assert cmd in proc.stdout
 
 
-@pytest.mark.parametrize("sub", ["run", "distill", "export", "quantize", "bench", "report", "targets"])
+@pytest.mark.parametrize("sub", ["run", "distill", "export", "quantize", "bench", "report", "bundle", "gate", "targets"])
 def test_every_command_has_help(cli, sub):
     code, out, _ = cli(sub, "--help")
     assert code == 0 and f"Usage: compress {sub}" in out
