@@ -409,14 +409,18 @@ def _parse_floor(text: str) -> dict:
 
 @cli.command("targets")
 @click.argument("name", required=False)
-def targets_cmd(name):
-    """List the device profiles, or show one."""
+@click.option("--text", "as_text", is_flag=True, help="With NAME: a readable view (every figure with its source) instead of JSON.")
+def targets_cmd(name, as_text):
+    """List the device profiles, or show one (JSON; --text for a readable view)."""
     import json
 
-    from .targets import get_target, list_targets
+    from .targets import get_target, list_targets, profile_warnings
 
     if name:
-        click.echo(json.dumps(get_target(name), indent=2))
+        profile = get_target(name)
+        for line in profile_warnings(profile):
+            click.echo(f"warning: {line}", err=True)
+        click.echo(_profile_text(profile) if as_text else json.dumps(profile, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -425,16 +429,60 @@ def targets_cmd(name):
     table = Table()
     # the names are what users type: never wrap or cut them, whatever the width
     table.add_column("name", no_wrap=True, min_width=max(len(p["name"]) for p in profiles))
-    for h in ("aliases", "kind", "runtime", "int8 recipe", "description"):
-        table.add_column(h)
+    # aliases are typed too: one a line, never cut
+    table.add_column("aliases", no_wrap=True, min_width=max((len(a) for p in profiles for a in p.get("aliases", [])), default=7))
+    for h in ("kind", "runtime", "precisions", "INT8 TOPS\ndense/sparse", "GB/s", "memory GB"):
+        table.add_column(h, overflow="fold")
     for p in profiles:
-        rt = p["runtime"]
-        table.add_row(p["name"], ", ".join(p.get("aliases", [])), p["kind"], f"{rt['name']} {rt.get('version', '')}".strip(),
-                      p["quantization"]["int8_recipe"], p["description"])
+        table.add_row(p["name"], "\n".join(p.get("aliases", [])), p["kind"], _runtime_text(p), " ".join(p["quantization"]["precisions"]),
+                      f"{_fig(p, 'int8_dense_tops')} / {_fig(p, 'int8_sparse_tops')}", _fig(p, "memory_bandwidth_gbps"), _fig(p, "memory_gb"))
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)  # piped: as wide as print_table's, so rows are not cut to 80 columns
     console.print(table)
+    console.print("-: no figure (not published, or no single figure for this kind of device); 'compress targets NAME --text' shows the sources.")
+
+
+def _runtime_text(p: dict) -> str:
+    rt = p["runtime"]
+    return f"{rt['name']} {rt.get('version') or rt.get('provider', '').replace('ExecutionProvider', ' EP')}".strip()
+
+
+def _fig(p: dict, key: str) -> str:
+    from .targets import figure
+
+    v = figure(p, key)
+    return "-" if v is None else f"{v:g}" if isinstance(v, (int, float)) else str(v)
+
+
+def _profile_text(p: dict) -> str:
+    """One profile, every hardware figure with its source."""
+    rt, q = p["runtime"], p["quantization"]
+    lines = [f"{p['name']}: {p['description']}", f"  aliases: {', '.join(p.get('aliases', [])) or '-'}", f"  kind: {p['kind']}",
+             f"  runtime: {_runtime_text(p)}"]
+    if rt.get("platform"):
+        lines.append(f"  platform: {rt['platform']}")
+    if rt.get("provider"):
+        lines.append(f"  execution provider: {rt['provider']}")
+    lines += [f"  runtime source: {rt['source']}", f"  onnx opset: {rt['onnx_opset']}", f"  precisions: {', '.join(q['precisions'])}",
+              f"  int8 recipe: {q['int8_recipe']}"]
+    if p.get("cpu_arch"):
+        lines.append(f"  cpu arch: {p['cpu_arch']}")
+    if p.get("requires_cpu_features"):
+        lines.append(f"  requires cpu features: {', '.join(p['requires_cpu_features'])}")
+    hw = p.get("hardware", {})
+    if hw:
+        lines.append("  hardware:")
+    for key, fig in hw.items():
+        v = fig["value"]
+        shown = ", ".join(f"{k}: {w:g} W" for k, w in v.items()) if isinstance(v, dict) else f"{v:g}" if isinstance(v, (int, float)) else str(v)
+        lines.append(f"    {key}: {shown}")
+        if fig.get("note"):
+            lines.append(f"      note: {fig['note']}")
+        lines.append(f"      source: {fig['source']}")
+    for n in p.get("notes", []):
+        lines.append(f"  note: {n}")
+    return "\n".join(lines)
 
 
 def _resume_command() -> str:

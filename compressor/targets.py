@@ -63,3 +63,55 @@ def get_target(name: str) -> dict:
         f"unknown target '{name}'.{did_you_mean(name, names)}",
         hint="run 'compress targets' to list them, or pass a path to your own .toml profile",
     )
+
+
+# --- figures and their sources -------------------------------------------------------------------------
+FIGURES = ("int8_dense_tops", "int8_sparse_tops", "fp16_dense_tflops", "fp16_sparse_tflops", "memory_bandwidth_gbps", "memory_gb",
+           "dla_cores", "compute_capability", "power_modes")
+NOT_PUBLISHED = "not published"
+
+
+def figure(profile: dict, key: str):
+    """A hardware figure's value (a number, a string, or a dict for power_modes), or None when the profile has none
+    or no source publishes it. Its source is profile['hardware'][key]['source']."""
+    fig = profile.get("hardware", {}).get(key)
+    if not fig or fig["value"] == NOT_PUBLISHED:
+        return None
+    return fig["value"]
+
+
+def host_mismatches(profile: dict, machine: str | None = None, flags: set[str] | None = None) -> list[str]:
+    """What this host lacks of the profile's cpu_arch and requires_cpu_features, one line each (empty: it has all)."""
+    import platform
+
+    from .bench.host import _cpu
+
+    machine = machine if machine is not None else platform.machine()
+    flags = flags if flags is not None else _cpu()[1]
+    out = []
+    arch = profile.get("cpu_arch")
+    aliases = {"x86_64": {"x86_64", "amd64"}, "aarch64": {"aarch64", "arm64"}}
+    if arch and machine.lower() not in aliases[arch]:
+        out.append(f"this host is {machine}, not {arch}: host latencies say nothing about '{profile['name']}'")
+    missing = [f for f in profile.get("requires_cpu_features", []) if f not in flags]
+    if missing and not out:
+        out.append(f"this host's CPU lacks {', '.join(missing)}, which '{profile['name']}' requires: "
+                   f"host INT8 timings and cpu-auto's choice do not stand for that target")
+    return out
+
+
+def profile_warnings(profile: dict, **host) -> list[str]:
+    """Lines to show beside a profile: what this host lacks for it, and a TensorRT this tool cannot build engines with."""
+    out = host_mismatches(profile, **host) if profile["kind"] == "cpu" and not profile.get("is_host") else []
+    rt = profile["runtime"]
+    if rt["name"] == "tensorrt" and rt.get("version"):
+        from .runtime.trt_core import EngineError, parse_version
+
+        try:
+            major = parse_version(rt["version"])[0]
+        except EngineError:
+            major = None
+        if major is not None and major < 10:
+            out.append(f"TensorRT {rt['version']} is older than 10: 'compress bundle' and engine building refuse this profile "
+                       "(export and INT8 Q/DQ quantization still work)")
+    return out
