@@ -417,8 +417,9 @@ def bench(run_dir: str | Path, config: BenchConfig | None = None, *, force: bool
     return rep
 
 
-def report(run_dir: str | Path, merge: str | Path | None = None) -> dict:
-    """Render report.md from the run's report.json (validated) and return the report; merge folds in a device's report.json."""
+def report(run_dir: str | Path, merge: str | Path | None = None, *, remote: str | None = None) -> dict:
+    """Render report.md from the run's report.json (validated) and return the report; merge folds in a device's report.json
+    (remote: the user@host compress bench --remote ran it on, which names the merged rows)."""
     from ._io import write_text
     from .bench.report import load_report, render_markdown
 
@@ -426,12 +427,19 @@ def report(run_dir: str | Path, merge: str | Path | None = None) -> dict:
     if merge is not None:
         from .bundle import merge_device_report
 
-        merge_device_report(run.dir, merge)
+        merge_device_report(run.dir, merge, remote=remote)
     rep = load_report(run.path("report.json"))
     write_text(run.path("report.md"), render_markdown(rep))
     run.begin("report")
     run.finish("report", {"markdown": "report.md"}, {})
     return rep
+
+
+def remote_bench(run_dir: str | Path, host: str, **kw) -> dict:
+    """Bench the run's exported models on another machine over SSH (compressor.remote) and merge its rows into the report."""
+    from .remote import remote_bench as _remote_bench
+
+    return _remote_bench(run_dir, host, **kw)
 
 
 def bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bool = False) -> dict:

@@ -30,6 +30,7 @@ from .run import Run, now
 
 BUNDLE_SCHEMA_VERSION = 1
 HELDOUT_ROWS = 1000
+DEFAULT_TENSORRT = "10.3"  # the TensorRT a bundle plans its engines for when the target profile names none (compress bench --remote)
 BATCH = {"min": 1, "opt": 1, "max": 32}  # the engines' dynamic batch range (build_engine.sh: MAX_BATCH=… overrides max)
 _PKG = Path(__file__).resolve().parent
 VERBATIM = {"latency.py": _PKG / "bench" / "latency.py", "trt_core.py": _PKG / "runtime" / "trt_core.py",
@@ -150,8 +151,11 @@ def _engines(target: dict, fp16_graph: bool = False) -> list[dict]:
     return out
 
 
-def make_bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bool = False, heldout_rows: int = HELDOUT_ROWS) -> dict:
-    """Write the deploy bundle folder and its .tar.gz; returns the bundle's manifest (with 'dir' and 'tarball' added)."""
+def make_bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bool = False, heldout_rows: int = HELDOUT_ROWS,
+                any_target: bool = False) -> dict:
+    """Write the deploy bundle folder and its .tar.gz; returns the bundle's manifest (with 'dir' and 'tarball' added).
+    any_target (compress bench --remote): a target without TensorRT is taken too; its engines are planned for
+    TensorRT DEFAULT_TENSORRT, and its ONNX files run through ONNX Runtime on the remote machine."""
     from .bench.host import _version
     from .bench.report import load_report
     from .export.onnx_io import make_session, run_session
@@ -160,6 +164,9 @@ def make_bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bo
 
     run = Run.open(run_dir)
     target = run.target
+    onnx_only = any_target and (target["runtime"]["name"] != "tensorrt" or not target["runtime"].get("version"))
+    if onnx_only:  # engines planned for DEFAULT_TENSORRT; the ONNX files themselves are what runs, through ONNX Runtime
+        target = {**target, "runtime": {**target["runtime"], "name": "tensorrt", "version": DEFAULT_TENSORRT}}
     if target["runtime"]["name"] != "tensorrt":
         raise CompressError(f"the run's target '{target['name']}' runs {target['runtime']['name']}, not TensorRT: a deploy bundle is for TensorRT devices",
                             hint="make the run with a TensorRT target, e.g. --target jetson")
@@ -178,7 +185,7 @@ def make_bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bo
     for name, p in onnx_files.items():
         if not p.is_file():
             raise CompressError(f"{p} is missing from the run", hint=f"rerun 'compress {'quantize' if 'int8' in name else 'export'} {run.dir} --force'")
-    if graph_precision(onnx_files["student.int8.onnx"]) != "int8":
+    if not onnx_only and graph_precision(onnx_files["student.int8.onnx"]) != "int8":
         raise CompressError(f"{onnx_files['student.int8.onnx']} has no Q/DQ nodes, so TensorRT cannot build an INT8 engine from it",
                             hint=f"rerun 'compress quantize {run.dir} --force'")
 
@@ -295,8 +302,10 @@ def _readme(m: dict) -> str:
 
 
 # --- merging a device report back into the run -----------------------------------------------------------
-def merge_device_report(run_dir: str | Path, device_report: str | Path) -> dict:
-    """Fold the rows of run_on_device.py's report.json into the run's report.json (both validated); returns the merged report."""
+def merge_device_report(run_dir: str | Path, device_report: str | Path, *, remote: str | None = None) -> dict:
+    """Fold the rows of run_on_device.py's report.json into the run's report.json (both validated); returns the merged report.
+    remote (compress bench --remote): the user@host it ran on; rows are then marked '(on user@host)' and their device
+    says 'remote user@host …'."""
     from .bench.report import load_report, validate_report
 
     run = Run.open(run_dir)
@@ -314,22 +323,26 @@ def merge_device_report(run_dir: str | Path, device_report: str | Path) -> dict:
                                 hint=f"make a new bundle ('compress bundle {run.dir} --force') and run it on the device again")
     where = dev["host"].get("board") or dev["host"].get("gpu") or dev["host"]["cpu"]
     source = {"report": path.name, "created": dev["created"], "hostname": dev["host"].get("hostname"), "target": dev["target"]["name"],
-              "runtime": dev["target"]["runtime"]}
-    key = (source["target"], source["hostname"], source["runtime"])
+              "runtime": dev["target"]["runtime"], **({"remote": remote} if remote else {})}
+    key = (source["target"], source["hostname"], source["runtime"], remote)
+    on = remote or dev["target"]["name"]
     # a newer report from the same device, target and runtime replaces the rows an earlier merge added
     kept = [m for m in rep["models"] if not (m.get("merged_from") and
-                                             (m["merged_from"]["target"], m["merged_from"]["hostname"], m["merged_from"]["runtime"]) == key)]
+                                             (m["merged_from"]["target"], m["merged_from"]["hostname"], m["merged_from"]["runtime"],
+                                              m["merged_from"].get("remote")) == key)]
     added = []
     for m in dev["models"]:
         row = dict(m)
-        row.update(name=f"{m['name']} (on {dev['target']['name']})", latency_measured_on="target", merged_from=source,
-                   path=f"{dev['bundle'].get('name', 'bundle')}/{m['path']}", device=f"{m['device']}: {where}")
+        device = f"remote {remote} {m['device'].removeprefix('target ')}: {where}" if remote else f"{m['device']}: {where}"
+        row.update(name=f"{m['name']} (on {on})", latency_measured_on="target", merged_from=source,
+                   path=f"{dev['bundle'].get('name', 'bundle')}/{m['path']}", device=device)
         added.append(row)
     rep["models"] = kept + added
-    note = (f"Rows marked '(on {dev['target']['name']})' were measured on the device ({where}) with {dev['target']['runtime']} by run_on_device.py "
+    by = f"by run_on_device.py over SSH on {remote}" if remote else "by run_on_device.py"
+    note = (f"Rows marked '(on {on})' were measured on the device ({where}) with {dev['target']['runtime']} {by} "
             f"({dev['created']}, merged from {path.name}); their accuracy is on the {dev['data']['heldout']} held-out rows shipped in the bundle"
             + (f", not on all {rep['data']['heldout']}." if dev["data"]["heldout"] < rep["data"]["heldout"] else " (all of them)."))
-    rep["notes"] = [n for n in rep.get("notes", []) if not n.startswith(f"Rows marked '(on {dev['target']['name']})'")] + [note]
+    rep["notes"] = [n for n in rep.get("notes", []) if not n.startswith(f"Rows marked '(on {on})'")] + [note]
     validate_report(rep, f"{run.path('report.json')} merged with {path}")
     write_json(run.path("report.json"), rep)
     return rep

@@ -308,16 +308,33 @@ def quantize_cmd(run_dir, recipe, calibration_rows, calibrate_method, per_channe
 @click.option("--min-duration", "min_duration_s", type=click.FloatRange(min=0), help=f"Minimum timed seconds per model (default {BenchConfig.min_duration_s:g}).")
 @click.option("--repeat", type=click.IntRange(min=1), help="Time every model in N interleaved rounds; the report keeps each round's p50 (what 'compress gate' tests statistically) and the median as p50 (default 1).")
 @force_opt
-def bench_cmd(run_dir, threads, min_runs, min_duration_s, repeat, force):
+@click.option("--remote", metavar="USER@HOST", help="Also bench the exported ONNX models on this machine over SSH (system OpenSSH, key auth, BatchMode) and merge its rows, marked '(on USER@HOST)', into the report.")
+@click.option("--remote-python", default="python3", show_default=True, help="The Python on the remote machine (needs numpy and onnxruntime, or tensorrt).")
+@click.option("--remote-dir", help="Folder on the remote machine for the temporary bench folder (default: $TMPDIR or /tmp).")
+@click.option("--remote-runtime", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="What runs the models remotely: ONNX Runtime on its CPU, or TensorRT engines built there on its GPU.")
+@click.option("--ssh-option", "ssh_options", multiple=True, metavar="KEY=VALUE", help="An ssh -o option, repeatable (e.g. StrictHostKeyChecking=no).")
+@click.option("--identity", type=click.Path(path_type=Path), help="Private key file for ssh -i.")
+@click.option("--port", type=click.IntRange(1, 65535), help="SSH port on the remote machine.")
+@click.option("--keep-remote", is_flag=True, help="Leave the remote temporary folder in place (for a look at it).")
+def bench_cmd(run_dir, threads, min_runs, min_duration_s, repeat, force, remote, remote_python, remote_dir, remote_runtime, ssh_options,
+              identity, port, keep_remote):
     """Measure accuracy, agreement and latency of every variant; write report.json (stage 4)."""
     from .api import bench, report
     from .bench.report import print_table
     from .run import Run
 
     _log_to(run_dir)
+    if not remote and any(v not in (None, (), False) for v in (remote_dir, identity, port, ssh_options or None, keep_remote or None)):
+        raise click.UsageError("--remote-dir, --identity, --port, --ssh-option and --keep-remote go with --remote USER@HOST")
     cfg = Run.open(run_dir).config.bench.replace(threads=threads, min_runs=min_runs, min_duration_s=min_duration_s, repeat=repeat)
     rep = bench(run_dir, cfg, force=force)
     report(run_dir)
+    if remote:
+        from .api import remote_bench
+
+        rep = remote_bench(run_dir, remote, remote_python=remote_python, remote_dir=remote_dir, ssh_options=ssh_options, identity=identity,
+                           port=port, runtime=remote_runtime, keep_remote=keep_remote, min_runs=min_runs, min_duration_s=min_duration_s)
     print_table(rep)
 
 
