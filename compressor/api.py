@@ -417,9 +417,10 @@ def bench(run_dir: str | Path, config: BenchConfig | None = None, *, force: bool
     return rep
 
 
-def report(run_dir: str | Path, merge: str | Path | None = None, *, remote: str | None = None) -> dict:
+def report(run_dir: str | Path, merge: str | Path | None = None, *, remote: str | None = None, html: bool | None = None) -> dict:
     """Render report.md from the run's report.json (validated) and return the report; merge folds in a device's report.json
-    (remote: the user@host compress bench --remote ran it on, which names the merged rows)."""
+    (remote: the user@host compress bench --remote ran it on, which names the merged rows). html: also write report.html
+    (None: only when the run already has one, to keep it in step)."""
     from ._io import write_text
     from .bench.report import load_report, render_markdown
 
@@ -430,8 +431,14 @@ def report(run_dir: str | Path, merge: str | Path | None = None, *, remote: str 
         merge_device_report(run.dir, merge, remote=remote)
     rep = load_report(run.path("report.json"))
     write_text(run.path("report.md"), render_markdown(rep))
+    if html is None:
+        html = run.path("report.html").exists()
+    if html:
+        from .bench.html import render_html
+
+        write_text(run.path("report.html"), render_html(rep))
     run.begin("report")
-    run.finish("report", {"markdown": "report.md"}, {})
+    run.finish("report", {"markdown": "report.md", **({"html": "report.html"} if html else {})}, {})
     return rep
 
 
@@ -480,5 +487,5 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, *, force: bool 
     export(run.dir, force=force)
     quantize(run.dir, force=force)
     rep = bench(run.dir, force=force)
-    report(run.dir)
+    report(run.dir, html=True)
     return rep

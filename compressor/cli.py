@@ -198,7 +198,7 @@ def run_cmd(**kw):
     _log_to_after_create(out)
     rep = compress(cfg, out, force=kw["force"], resume=kw["resume"])
     print_table(rep)
-    click.echo(f"report: {out / 'report.md'} and {out / 'report.json'}")
+    click.echo(f"report: {out / 'report.md'}, {out / 'report.html'} and {out / 'report.json'}")
 
 
 @cli.command("distill")
@@ -341,13 +341,15 @@ def bench_cmd(run_dir, threads, min_runs, min_duration_s, repeat, force, remote,
 @cli.command("report")
 @run_dir_arg
 @click.option("--merge", "merge", type=click.Path(path_type=Path), help="Fold a device's report.json (written by the bundle's run_on_device.py) into the run's report first.")
-def report_cmd(run_dir, merge):
+@click.option("--html", "html", is_flag=True, help="Also write report.html: one self-contained page (table, notes, accuracy-vs-latency plot with the Pareto front). An existing report.html is always re-rendered.")
+def report_cmd(run_dir, merge, html):
     """Re-render report.md and the terminal table from report.json (stage 5)."""
     from .api import report
     from .bench.report import print_table
 
-    print_table(report(run_dir, merge=merge))
-    click.echo(f"report: {Path(run_dir) / 'report.md'}")
+    print_table(report(run_dir, merge=merge, html=html or None))
+    click.echo(f"report: {Path(run_dir) / 'report.md'}"
+               + (f" and {Path(run_dir) / 'report.html'}" if (Path(run_dir) / "report.html").exists() else ""))
 
 
 @cli.command("bundle")
