@@ -159,7 +159,9 @@ class BenchConfig(_Config):
     min_runs: int = 200
     min_duration_s: float = 1.0
     eval_batch_size: int = 1024
-    repeat: int = 1  # >1: latency measured in this many interleaved rounds over all models (samples for compress gate)
+    repeat: int = 3  # latency measured in this many interleaved rounds over all models: p50 is their median, a spread
+    # above 5% flags the measurement as noisy, and compress gate tests the rounds (3 rounds of >= 1 s: trtexec's >= 3 s)
+    batch_sweep: list[int] | None = None  # e.g. [1, 8, 32]: also time the ONNX models at these batch sizes (throughput)
 
 
 @dataclass

@@ -67,7 +67,7 @@ def get_target(name: str) -> dict:
 
 # --- figures and their sources -------------------------------------------------------------------------
 FIGURES = ("int8_dense_tops", "int8_sparse_tops", "fp16_dense_tflops", "fp16_sparse_tflops", "memory_bandwidth_gbps", "memory_gb",
-           "dla_cores", "compute_capability", "power_modes")
+           "dla_cores", "compute_capability", "power_modes", "gpu_int8_dense_tops", "gpu_fp16_dense_tflops")
 NOT_PUBLISHED = "not published"
 
 

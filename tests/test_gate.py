@@ -189,3 +189,27 @@ def test_bench_repeat_records_rounds_the_gate_reads(tiny, tmp_path, cli):
         assert len(s) == 3 and m["latency_ms"]["p50"] == pytest.approx(float(np.median(s)))
     code, out, _ = cli("gate", tmp_path / "run", "--baseline", tmp_path / "run" / "report.json")
     assert code == 0 and "p = " in out  # the rounds were tested
+
+
+def test_bench_defaults_to_rounds_and_sweeps_batches_on_request(tiny, tmp_path):
+    """The default bench measures in 3 interleaved rounds (p95 too) and flags a spread over 5%; --batch-sweep gives
+    each ONNX model's throughput at every batch size."""
+    from compressor.bench.report import render_markdown
+
+    cfg = CompressConfig(teacher=str(tiny.torchscript), data=DataConfig(source=str(tiny.npz)), target="cpu",
+                         distill=DistillConfig(steps=40, evals=2, device="cpu"),
+                         bench=BenchConfig(min_runs=5, min_duration_s=0.01, warmup_ms=1, warmup_runs=1))
+    rep = api.compress(cfg, out=tmp_path / "run")
+    assert BenchConfig().repeat == 3
+    for m in rep["models"]:
+        lat = m["latency_ms"]
+        assert lat["rounds"] == 3 and len(lat["samples_p50"]) == 3 and lat["p95"] >= lat["p50"]
+        assert lat["noisy"] == (lat["rounds_spread"] > 0.05 or lat["cv"] > 0.15)
+    rep = api.bench(tmp_path / "run", BenchConfig(min_runs=5, min_duration_s=0.01, warmup_ms=1, warmup_runs=1, repeat=1,
+                                                  batch_sweep=[1, 4, 16]), force=True)
+    onnx_rows = [m for m in rep["models"] if m["format"] == "onnx"]
+    assert onnx_rows and all([p["batch"] for p in m["throughput"]] == [1, 4, 16] for m in onnx_rows)
+    assert all(p["items_per_s"] == pytest.approx(1e3 * p["batch"] / p["p50_ms"]) for m in onnx_rows for p in m["throughput"])
+    assert not any("throughput" in m for m in rep["models"] if m["format"] != "onnx")
+    md = render_markdown(rep)
+    assert "Throughput (items/s" in md and "| student onnx int8 |" in md

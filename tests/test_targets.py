@@ -145,7 +145,10 @@ def test_figures_that_were_sourced():
     assert figure(sup, "power_modes")["MAXN_SUPER"] == 25
     assert figure(get_target("agx-orin"), "int8_sparse_tops") == 275
     assert figure(get_target("xavier-nx"), "int8_dense_tops") == 21
-    assert figure(get_target("orin-nx"), "memory_bandwidth_gbps") is None  # "not published" reads as no figure
+    assert figure(get_target("orin-nx"), "memory_bandwidth_gbps") == 102.4  # 128-bit LPDDR5 at 6400 MT/s
+    assert figure(get_target("orin-nx"), "int8_dense_tops") is None  # "not published" reads as no figure
+    # the GPU-only dense peaks the roofline estimate uses (DLA excluded; dense = half the 2:4-sparse figure)
+    assert [figure(get_target(n), "gpu_int8_dense_tops") for n in ("jetson", "jetson-super", "orin-nx", "agx-orin", "h100")] == [20, 33.5, 30, 85, 1979]
 
 
 def test_generic_cpu_profiles_make_up_no_peak():

@@ -8,6 +8,7 @@ from typing import Callable
 import numpy as np
 
 NOISY_CV = 0.15  # coefficient of variation above which a measurement is flagged as noisy
+NOISY_ROUNDS = 0.05  # spread of the rounds' p50s (max/min - 1) above which a repeated measurement is flagged as noisy
 
 
 def measure(fn: Callable[[], object], *, warmup_ms: float = 200.0, warmup_runs: int = 10,
@@ -31,6 +32,7 @@ def measure(fn: Callable[[], object], *, warmup_ms: float = 200.0, warmup_runs: 
     mean = float(ms.mean())
     cv = float(ms.std() / mean) if mean > 0 else 0.0
     return {
-        "p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)), "p99": float(np.percentile(ms, 99)),
+        "p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)), "p95": float(np.percentile(ms, 95)),
+        "p99": float(np.percentile(ms, 99)),
         "mean": mean, "std": float(ms.std()), "min": float(ms.min()), "runs": len(times), "cv": cv, "noisy": cv > NOISY_CV,
     }

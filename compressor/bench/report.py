@@ -88,6 +88,11 @@ def build_report(run, models: list[dict]) -> dict:
         },
         "notes": notes,
     }
+    est = estimates(run, models)
+    if est:  # never mixed with the measured rows
+        rep["estimates"] = est
+        notes.append(f"Latencies on {target['name']} are estimated, not measured (roofline; see 'Estimated' below): "
+                     "measure them with 'compress bundle' on the device or 'compress bench --remote'.")
     if distill.get("teacher_queries"):  # a black-box flow: the rows and calls the teacher was asked for
         rep["checks"]["distill"]["teacher_queries"] = {k: v for k, v in distill["teacher_queries"].items() if k in QUERY_KEYS}
     bench_teacher = run.__dict__.get("teacher")  # the bench stage's own queries of a black-box teacher (held-out rows, latency)
@@ -100,6 +105,43 @@ def build_report(run, models: list[dict]) -> dict:
         notes.append(f"configs.distill holds the settings asked for; --search trained the student with trial {best['number']}'s: "
                      + ", ".join(f"{k}={_fmt_param(v)}" for k, v in best["params"].items()) + ".")
     return validate_report(rep)
+
+
+# The profile figures a roofline estimate needs, per precision: the GPU's dense peak (TOPS or TFLOPS) and the bandwidth.
+PEAK_KEYS = {"int8": "gpu_int8_dense_tops", "fp16": "gpu_fp16_dense_tflops", "fp32": "gpu_fp32_tflops"}
+
+
+def _figure(hardware: dict, key: str) -> float | None:
+    """A numeric profile figure, whether written bare or as {value = …, source = …}; None when absent or not published."""
+    v = hardware.get(key)
+    if isinstance(v, dict):
+        v = v.get("value")
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def estimates(run, models: list[dict]) -> list[dict]:
+    """Roofline latency estimates of the run's ONNX student flavours on a target this host is not (labelled
+    estimated; kept out of the measured table)."""
+    from .roofline import estimate
+
+    target = run.target
+    hw = target.get("hardware") or {}
+    bw = _figure(hw, "memory_bandwidth_gbps")
+    if target.get("is_host") or bw is None:
+        return []
+    out = []
+    fp32 = run.path(run.stage("export")["outputs"]["onnx_fp32"])
+    for m in models:
+        if m["format"] != "onnx" or m["role"] != "student" or m.get("latency_measured_on", "host") != "host":
+            continue
+        peak = _figure(hw, PEAK_KEYS.get(m["precision"], ""))
+        if peak is None:
+            continue
+        e = estimate(fp32, {"peak_tops": peak, "bandwidth_gbps": bw}, m["precision"], batch=m.get("batch_size", 1))
+        out.append({"name": m["name"], "target": target["name"], "precision": m["precision"], "latency_ms": e["latency_ms"],
+                    "bound": e["bound"], "macs": e["macs"], "method": "roofline", "estimated": True,
+                    "peak": peak, "bandwidth_gbps": bw, "layer_overhead_us": e["layer_overhead_us"]})
+    return out
 
 
 QUERY_KEYS = ("output", "budget", "strategy", "pool_rows", "rows", "calls", "rows_per_call", "loss", "rounds")
@@ -182,8 +224,23 @@ def render_markdown(rep: dict) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in _table_rows(rep)]
     lat = rep["models"][0]["latency_ms"]
     threads = rep["models"][0].get("threads", "?")
+    rounds = lat.get("rounds")
     lines += ["", f"Latency: batch {rep['models'][0].get('batch_size', 1)}, {threads} thread{'' if threads == 1 else 's'}, "
-              f"p50/p99 over ≥{lat.get('runs', '?')} runs after warm-up."]
+              f"p50/p99 over ≥{lat.get('runs', '?')} runs after warm-up"
+              + (f", in {rounds} interleaved rounds per model (p50: the median round; a spread of rounds over 5% is flagged noisy)." if rounds else ".")]
+    sweep = [m for m in rep["models"] if m.get("throughput")]
+    if sweep:
+        batches = [p["batch"] for p in sweep[0]["throughput"]]
+        lines += ["", "Throughput (items/s, batch sweep; p50 ms in brackets):", "",
+                  "| model | " + " | ".join(f"batch {b}" for b in batches) + " |", "|---|" + "---|" * len(batches)]
+        for m in sweep:
+            lines.append(f"| {m['name']} | " + " | ".join(f"{p['items_per_s']:,.0f} ({p['p50_ms']:.3f})" for p in m["throughput"]) + " |")
+    if rep.get("estimates"):
+        lines += ["", f"**Estimated** on {rep['estimates'][0]['target']} (not measured: a roofline from the model's layers and the profile's "
+                  "peak throughput and bandwidth, calibrated on MLPerf ResNet-50; error ±6% on the check in benchmarks/results/roofline.md, "
+                  "more on small models):", "", "| model | precision | estimated ms | bound | GMACs |", "|---|---|---|---|---|"]
+        for e in rep["estimates"]:
+            lines.append(f"| {e['name']} | {e['precision']} | {e['latency_ms']:.3f} | {e['bound']} | {e['macs'] / 1e9:.4f} |")
     checks = rep.get("checks", {})
     if "export" in checks:
         e = checks["export"]

@@ -75,6 +75,8 @@ def bench_models(run, cfg: BenchConfig) -> list[dict]:
     add("student onnx int8", "student", "int8", OnnxRuntimeRunner(int8, threads), int8, student_params)
     if cfg.repeat > 1:
         _rounds(runners, run, cfg)
+    if cfg.batch_sweep:
+        batch_sweep(runners, run, cfg)
     return rows
 
 
@@ -89,6 +91,26 @@ def _rounds(runners: list, run, cfg: BenchConfig) -> None:
                 continue
             with runner:
                 acc.append(_latency(runner, run, cfg)["p50"])
+    from .latency import NOISY_ROUNDS
+
     for (row, _, rcfg), acc in zip(runners, samples):
         if len(acc) > 1:
-            row["latency_ms"].update(samples_p50=[float(v) for v in acc], p50=float(np.median(acc)), rounds=len(acc))
+            spread = max(acc) / min(acc) - 1.0 if min(acc) > 0 else 0.0
+            row["latency_ms"].update(samples_p50=[float(v) for v in acc], p50=float(np.median(acc)), rounds=len(acc),
+                                     rounds_spread=float(spread), noisy=bool(row["latency_ms"].get("noisy")) or spread > NOISY_ROUNDS)
+
+
+def batch_sweep(runners: list, run, cfg: BenchConfig) -> None:
+    """--batch-sweep: each ONNX model timed at every batch size (rows of the held-out set, repeated if fewer);
+    throughput = batch / p50. Shorter measurements than the batch-1 latency: a third of min_duration each."""
+    for row, runner, _ in runners:
+        if row["format"] != "onnx":
+            continue
+        points = []
+        with runner:
+            for b in cfg.batch_sweep:
+                x = np.ascontiguousarray(np.resize(run.data.x_test, (b,) + run.data.x_test.shape[1:]))
+                lat = measure(lambda: runner.infer(x), warmup_ms=cfg.warmup_ms / 2, warmup_runs=3, min_runs=max(10, cfg.min_runs // 10),
+                              min_duration_s=cfg.min_duration_s / 3)
+                points.append({"batch": int(b), "p50_ms": lat["p50"], "items_per_s": 1e3 * b / lat["p50"] if lat["p50"] > 0 else 0.0})
+        row["throughput"] = points

@@ -1,0 +1,106 @@
+"""Latency estimates for targets this host is not: a roofline over the model's layers.
+
+Each compute layer of the ONNX graph (Conv, ConvTranspose, Gemm, MatMul) costs max(ops / (peak × e_c), bytes / (bandwidth × e_m))
+plus a fixed per-layer cost, where ops = 2 × MACs at the batch size, bytes = weights at the precision plus input and
+output activations, and e_c, e_m are efficiency factors (the fraction of the data-sheet peak a real engine reaches).
+Elementwise layers are taken as fused into the compute layers (TensorRT fuses BatchNorm, activations and residual adds).
+The per-layer cost is calibrated on one published measurement (MLPerf Inference Edge ResNet-50) and the method's error
+is checked on another (benchmarks/results/roofline.md). Every figure it gives is labelled "estimated" and kept apart
+from measured ones.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
+COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Per-layer cost calibrated in benchmarks/roofline_check.py on MLPerf Inference v3.0 Edge, ResNet-50 single-stream, Jetson AGX Orin
+# (0.633 ms p90, INT8, GPU): see benchmarks/results/roofline.md for the fit and the error on Orin NX.
+DEFAULT_COMPUTE_EFFICIENCY = 0.5  # assumed: half the data-sheet dense peak on convolutions
+DEFAULT_MEMORY_EFFICIENCY = 0.7  # assumed: a typical sustained fraction of LPDDR5/HBM peak bandwidth
+DEFAULT_LAYER_OVERHEAD_US = 5.2  # calibrated on AGX Orin (benchmarks/results/roofline.md): Orin NX predicted within 4%
+
+
+@dataclass
+class Layer:
+    name: str
+    op: str
+    macs: int
+    weight_elems: int
+    act_elems: int  # input + output activation elements
+
+
+def _shape(vi) -> list[int] | None:
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    return dims if dims and all(d is not None and d > 0 for d in dims) else None
+
+
+def layers(onnx_path: str | Path, batch: int = 1) -> list[Layer]:
+    """The layers of an FP32 ONNX model with their MACs, weight and activation element counts at this batch size."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    # fix the batch axis, then infer every shape
+    for vi in list(model.graph.input) + list(model.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = batch
+    model = onnx.shape_inference.infer_shapes(model)
+    shapes = {vi.name: _shape(vi) for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        ins = [shapes.get(i) or inits.get(i) for i in n.input if i]
+        outs = [shapes.get(o) for o in n.output if o]
+        act = sum(math.prod(s) for s, i in zip(ins, [i for i in n.input if i]) if s and i not in inits) + sum(math.prod(s) for s in outs if s)
+        w = sum(math.prod(inits[i]) for i in n.input if i in inits)
+        macs = 0
+        if n.op_type in ("Conv", "ConvTranspose") and len(ins) > 1 and ins[1] and outs and outs[0]:
+            wshape, oshape = ins[1], outs[0]
+            if n.op_type == "Conv":  # every output element: (C_in / groups) × kernel MACs
+                macs = math.prod(oshape) * math.prod(wshape[1:])
+            else:  # every input element scatters into (C_out / groups) × kernel outputs
+                macs = math.prod(ins[0]) * math.prod(wshape[1:]) if ins[0] else 0
+        elif n.op_type in ("Gemm", "MatMul") and len(ins) > 1 and ins[0] and ins[1] and outs and outs[0]:
+            a = ins[0]
+            trans_a = any(at.name == "transA" and at.i for at in n.attribute)
+            k = a[-2] if trans_a else a[-1]
+            macs = math.prod(outs[0]) * k
+        out.append(Layer(n.name or n.op_type, n.op_type, int(macs), int(w), int(act)))
+    return out
+
+
+def estimate(onnx_path: str | Path, hardware: dict, precision: str = "int8", batch: int = 1,
+             compute_efficiency: float = DEFAULT_COMPUTE_EFFICIENCY, memory_efficiency: float = DEFAULT_MEMORY_EFFICIENCY,
+             layer_overhead_us: float = DEFAULT_LAYER_OVERHEAD_US) -> dict:
+    """Estimated latency (ms) of an FP32 ONNX model run at `precision` on a target whose hardware gives peak_tops
+    (dense, at that precision) and bandwidth_gbps. Each compute layer costs the larger of its arithmetic time and its
+    memory time, plus a fixed per-layer cost (kernel launch and synchronisation, which dominate small layers at batch 1);
+    elementwise layers are taken as fused into them, as TensorRT does with BatchNorm/ReLU/residual adds."""
+    peak = float(hardware["peak_tops"]) * 1e12  # ops/s
+    bw = float(hardware["bandwidth_gbps"]) * 1e9  # bytes/s
+    b = BYTES[precision]
+    compute_s = memory_s = overhead_s = 0.0
+    macs_total = bytes_total = n = 0
+    for layer in layers(onnx_path, batch):
+        if layer.op not in COMPUTE or not layer.macs:
+            continue
+        nbytes = (layer.weight_elems + layer.act_elems) * b
+        t_cmp = 2 * layer.macs / (peak * compute_efficiency)
+        t_mem = nbytes / (bw * memory_efficiency)
+        if t_cmp >= t_mem:
+            compute_s += t_cmp
+        else:
+            memory_s += t_mem
+        overhead_s += layer_overhead_us * 1e-6
+        macs_total += layer.macs
+        bytes_total += nbytes
+        n += 1
+    total = compute_s + memory_s + overhead_s
+    parts = {"compute": compute_s, "memory": memory_s, "per-layer overhead": overhead_s}
+    return {"latency_ms": 1e3 * total, "macs": macs_total, "bytes": bytes_total, "layers": n, "precision": precision, "batch": batch,
+            "bound": max(parts, key=parts.get), "compute_ms": 1e3 * compute_s, "memory_ms": 1e3 * memory_s, "overhead_ms": 1e3 * overhead_s,
+            "compute_efficiency": compute_efficiency, "memory_efficiency": memory_efficiency, "layer_overhead_us": layer_overhead_us,
+            "peak_tops": hardware["peak_tops"], "bandwidth_gbps": hardware["bandwidth_gbps"], "method": "roofline", "estimated": True}
