@@ -403,7 +403,7 @@ def _op_counts(ops: dict) -> str:
 def bench(run_dir: str | Path, config: BenchConfig | None = None, *, force: bool = False) -> dict:
     """Measure accuracy, agreement with the teacher, latency, size and parameters of every variant; write report.json."""
     from .bench.report import build_report, load_report
-    from .bench.runner_bench import bench_models
+    from .bench.runner_bench import bench_models, preprocessing_time
 
     run, done = _open_stage(run_dir, "bench", config, force)
     if done:
@@ -412,6 +412,9 @@ def bench(run_dir: str | Path, config: BenchConfig | None = None, *, force: bool
     with run.running("bench"):
         models = bench_models(run, cfg)
         rep = build_report(run, models)
+        pre = preprocessing_time(run, cfg)
+        if pre is not None:
+            rep["preprocessing"] = pre
         write_json(run.path("report.json"), rep)
     run.finish("bench", {"report": "report.json"}, {"models": len(models)})
     return rep

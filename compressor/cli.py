@@ -308,6 +308,7 @@ def quantize_cmd(run_dir, recipe, calibration_rows, calibrate_method, per_channe
 @click.option("--min-duration", "min_duration_s", type=click.FloatRange(min=0), help=f"Minimum timed seconds per model (default {BenchConfig.min_duration_s:g}).")
 @click.option("--repeat", type=click.IntRange(min=1), help=f"Time every model in N interleaved rounds; the report keeps each round's p50 (what 'compress gate' tests statistically), their median as p50, and flags a spread over 5% as noisy (default {BenchConfig.repeat}).")
 @click.option("--batch-sweep", help="Also time the ONNX models at these batch sizes for throughput, e.g. 1,8,32.")
+@click.option("--providers", type=click.Choice(["cpu", "cuda", "tensorrt", "auto"]), help="ONNX Runtime execution providers for the ONNX models (default cpu; auto: TensorRT, then CUDA, then CPU, whichever this ONNX Runtime has).")
 @force_opt
 @click.option("--remote", metavar="USER@HOST", help="Also bench the exported ONNX models on this machine over SSH (system OpenSSH, key auth, BatchMode) and merge its rows, marked '(on USER@HOST)', into the report.")
 @click.option("--remote-python", default="python3", show_default=True, help="The Python on the remote machine (needs numpy and onnxruntime, or tensorrt).")
@@ -318,7 +319,7 @@ def quantize_cmd(run_dir, recipe, calibration_rows, calibrate_method, per_channe
 @click.option("--identity", type=click.Path(path_type=Path), help="Private key file for ssh -i.")
 @click.option("--port", type=click.IntRange(1, 65535), help="SSH port on the remote machine.")
 @click.option("--keep-remote", is_flag=True, help="Leave the remote temporary folder in place (for a look at it).")
-def bench_cmd(run_dir, threads, min_runs, min_duration_s, repeat, batch_sweep, force, remote, remote_python, remote_dir, remote_runtime, ssh_options,
+def bench_cmd(run_dir, threads, min_runs, min_duration_s, repeat, batch_sweep, providers, force, remote, remote_python, remote_dir, remote_runtime, ssh_options,
               identity, port, keep_remote):
     """Measure accuracy, agreement and latency of every variant; write report.json (stage 4)."""
     from .api import bench, report
@@ -330,7 +331,7 @@ def bench_cmd(run_dir, threads, min_runs, min_duration_s, repeat, batch_sweep, f
         raise click.UsageError("--remote-dir, --identity, --port, --ssh-option and --keep-remote go with --remote USER@HOST")
     sweep = _list(batch_sweep, int, flag="--batch-sweep") if batch_sweep else None
     cfg = Run.open(run_dir).config.bench.replace(threads=threads, min_runs=min_runs, min_duration_s=min_duration_s, repeat=repeat,
-                                                 batch_sweep=sweep)
+                                                 batch_sweep=sweep, providers=providers)
     rep = bench(run_dir, cfg, force=force)
     report(run_dir)
     if remote:

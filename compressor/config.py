@@ -162,6 +162,7 @@ class BenchConfig(_Config):
     repeat: int = 3  # latency measured in this many interleaved rounds over all models: p50 is their median, a spread
     # above 5% flags the measurement as noisy, and compress gate tests the rounds (3 rounds of >= 1 s: trtexec's >= 3 s)
     batch_sweep: list[int] | None = None  # e.g. [1, 8, 32]: also time the ONNX models at these batch sizes (throughput)
+    providers: str = "cpu"  # ONNX Runtime execution providers for the ONNX models: cpu | cuda | tensorrt | auto (best present)
 
 
 @dataclass

@@ -331,3 +331,7 @@ def test_image_folder_pipeline_with_the_builtin_2d_student(tmp_path, tiny_bench)
     assert by["student onnx int8"]["accuracy"] >= 0.8
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["stages"]["distill"]["result"]["student_record"]["spec"] == "builtin:cnn2d"
+    # image data: the tool's own preprocessing of one image is timed and shown next to the models
+    pre = rep["preprocessing"]
+    assert pre["latency_ms"]["p50"] > 0 and Path(pre["image"]).is_file() and "resize" in pre["what"]
+    assert "Preprocessing, timed the same way" in (tmp_path / "run" / "report.md").read_text()

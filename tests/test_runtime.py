@@ -51,3 +51,19 @@ def test_measure_honours_minimum_runs_and_duration():
     assert time.perf_counter() - t0 >= 0.05 and r["runs"] > 1
     r = measure(lambda: time.sleep(0.002), warmup_ms=0, warmup_runs=0, min_runs=5, min_duration_s=0.0)
     assert r["p50"] >= 2.0 and r["runs"] == 5
+
+
+def test_execution_providers_are_picked_from_what_onnxruntime_has():
+    from compressor.errors import CompressError
+    from compressor.runtime import pick_providers
+
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert pick_providers("auto", gpu) == gpu
+    assert pick_providers("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert pick_providers("auto", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert pick_providers("cuda", gpu) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert pick_providers("cpu", gpu) == ["CPUExecutionProvider"]
+    with pytest.raises(CompressError, match="no CUDAExecutionProvider"):
+        pick_providers("cuda", ["CPUExecutionProvider"])
+    with pytest.raises(CompressError, match="unknown execution provider"):
+        pick_providers("gpu", gpu)

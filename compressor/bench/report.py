@@ -228,6 +228,10 @@ def render_markdown(rep: dict) -> str:
     lines += ["", f"Latency: batch {rep['models'][0].get('batch_size', 1)}, {threads} thread{'' if threads == 1 else 's'}, "
               f"p50/p99 over ≥{lat.get('runs', '?')} runs after warm-up"
               + (f", in {rounds} interleaved rounds per model (p50: the median round; a spread of rounds over 5% is flagged noisy)." if rounds else ".")]
+    if rep.get("preprocessing"):
+        pre = rep["preprocessing"]
+        lines += [f"Preprocessing, timed the same way: {pre['latency_ms']['p50']:.3f} ms p50 per image ({pre['what']}); "
+                  "the application pays it on top of the model's latency."]
     sweep = [m for m in rep["models"] if m.get("throughput")]
     if sweep:
         batches = [p["batch"] for p in sweep[0]["throughput"]]

@@ -35,7 +35,8 @@ def _one(name: str, role: str, precision: str, runner: Runner, path: Path, param
     desc = runner.describe()
     return {
         "name": name, "role": role, "format": desc["format"], "precision": precision, "runtime": desc["runtime"],
-        "device": f"host cpu ({desc['threads']} threads)",
+        "device": (f"host gpu ({desc['provider']})" if desc.get("provider", "CPUExecutionProvider") != "CPUExecutionProvider"
+                   else f"host cpu ({desc['threads']} threads)"),
         "path": os.path.relpath(path, run.dir), "size_bytes": int(path.stat().st_size) if path.is_file() else 0, "params": int(params),
         "accuracy": float(np.mean(pred == ds.y_test)),
         "agreement": float(np.mean(pred == teacher_pred)) if teacher_pred is not None else 1.0,
@@ -65,14 +66,17 @@ def bench_models(run, cfg: BenchConfig) -> list[dict]:
     if "baseline" in distill["outputs"]:
         add("baseline (labels only)", "baseline", "fp32", TorchRunner(run.load_trained("baseline"), threads),
             run.path("baseline.pt"), student_params)
+    from ..runtime import pick_providers
+
+    providers = pick_providers(cfg.providers)
     fp32 = run.path(run.stage("export")["outputs"]["onnx_fp32"])
-    add("student onnx fp32", "student", "fp32", OnnxRuntimeRunner(fp32, threads), fp32, student_params)
+    add("student onnx fp32", "student", "fp32", OnnxRuntimeRunner(fp32, threads, providers), fp32, student_params)
     outputs = run.stage("quantize")["outputs"]
     if "onnx_fp16" in outputs:  # the FP16 flavour, where the target takes it (on a CPU it shows accuracy, not speed)
         fp16 = run.path(outputs["onnx_fp16"])
-        add("student onnx fp16", "student", "fp16", OnnxRuntimeRunner(fp16, threads), fp16, student_params)
+        add("student onnx fp16", "student", "fp16", OnnxRuntimeRunner(fp16, threads, providers), fp16, student_params)
     int8 = run.path(outputs["onnx_int8"])
-    add("student onnx int8", "student", "int8", OnnxRuntimeRunner(int8, threads), int8, student_params)
+    add("student onnx int8", "student", "int8", OnnxRuntimeRunner(int8, threads, providers), int8, student_params)
     if cfg.repeat > 1:
         _rounds(runners, run, cfg)
     if cfg.batch_sweep:
@@ -114,3 +118,24 @@ def batch_sweep(runners: list, run, cfg: BenchConfig) -> None:
                               min_duration_s=cfg.min_duration_s / 3)
                 points.append({"batch": int(b), "p50_ms": lat["p50"], "items_per_s": 1e3 * b / lat["p50"] if lat["p50"] > 0 else 0.0})
         row["throughput"] = points
+
+
+def preprocessing_time(run, cfg: BenchConfig) -> dict | None:
+    """For image-folder data: the time to turn one image file into the model's input the way the tool does (PIL decode,
+    convert, resize, scale, normalise), batch 1, one thread, same methodology as the models; shown next to them,
+    since the application pays it on every frame. None for array data (.npz, mnist1d), which arrives preprocessed."""
+    from pathlib import Path as _Path
+
+    from ..data._folder import _read, _scan
+
+    root = _Path(run.config.data.source)
+    if not root.is_dir():
+        return None
+    items = _scan(root)[1][:1]
+    shape = run.data.input_shape
+    if not items or len(shape) != 3:
+        return None
+    lat = measure(lambda: _read(items, (shape[1], shape[2]), shape[0], run.config.data), warmup_ms=cfg.warmup_ms / 2, warmup_runs=cfg.warmup_runs,
+                  min_runs=cfg.min_runs, min_duration_s=cfg.min_duration_s)
+    return {"what": "decode, convert, resize, scale and normalise one image file (PIL), as the tool reads its data", "image": str(items[0][0]),
+            "latency_ms": lat}

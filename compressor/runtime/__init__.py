@@ -89,6 +89,33 @@ class OnnxRuntimeRunner(Runner):
         return {**super().describe(), "provider": self.providers[0]}
 
 
+# ONNX Runtime execution providers by what the user asks for, best first; CPU always last as the fallback.
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def pick_providers(wanted: str = "cpu", available: list[str] | None = None) -> list[str]:
+    """The execution providers for `wanted` (cpu | cuda | tensorrt | auto) that this ONNX Runtime build has.
+    auto: TensorRT, then CUDA, then CPU, whichever exist. Asking for cuda/tensorrt where the build lacks them is an error."""
+    from ..errors import CompressError
+
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    if wanted == "auto":
+        return [p for p in PROVIDERS["tensorrt"] if p in available] or ["CPUExecutionProvider"]
+    if wanted not in PROVIDERS:
+        raise CompressError(f"unknown execution provider choice '{wanted}'", hint="choose cpu, cuda, tensorrt or auto")
+    if PROVIDERS[wanted][0] not in available:
+        raise CompressError(f"this ONNX Runtime has no {PROVIDERS[wanted][0]} (it has {', '.join(available)})",
+                            hint="install onnxruntime-gpu on a machine with an NVIDIA GPU, or bench with --providers cpu")
+    return [p for p in PROVIDERS[wanted] if p in available]
+
+
 class TeacherRunner(Runner):
     """A loaded Teacher through its own logits(), so teachers exported with a fixed batch size run too."""
 
