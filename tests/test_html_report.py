@@ -313,3 +313,13 @@ def test_report_html_opens_in_headless_chromium_without_errors_and_is_not_blank(
     assert non_white > 0.02 * img.size[0] * img.size[1], non_white
     # the plot's markers are drawn in their colours: the teacher's purple is on screen
     assert any(abs(c[0] - 0x7b) < 8 and abs(c[1] - 0x32) < 8 and abs(c[2] - 0x94) < 8 for _, c in colours)
+
+
+def test_estimates_get_their_own_table_and_stay_off_the_plot():
+    rep = sample()
+    rep["estimates"] = [{"name": "student onnx int8", "target": "jetson-orin-nano-8gb", "precision": "int8", "latency_ms": 0.0213,
+                         "bound": "per-layer overhead", "macs": 19000, "method": "roofline", "estimated": True}]
+    validate_report(rep)
+    html = render_html(rep)
+    assert "Estimated on jetson-orin-nano-8gb (not measured)" in html and "0.021" in html
+    assert html.count('class="point"') == len(rep["models"])  # measured rows only on the plot

@@ -229,6 +229,22 @@ def render_html(report: dict) -> str:
         f'<div class="table"><table><thead><tr>{head}</tr></thead><tbody>', *body, "</tbody></table></div>",
         *(f'<p class="small">{escape(c)}</p>' for c in checks),
     ]
+    for m in report["models"]:  # --batch-sweep
+        if m.get("throughput"):
+            parts += [f'<p class="small">Throughput of {escape(m["name"])}: ' + ", ".join(
+                f"batch {p['batch']}: {p['items_per_s']:,.0f}/s ({p['p50_ms']:.3f} ms)" for p in m["throughput"]) + ".</p>"]
+    if report.get("preprocessing"):
+        pre = report["preprocessing"]
+        parts += [f'<p class="small">Preprocessing, timed the same way: {pre["latency_ms"]["p50"]:.3f} ms p50 per image ({escape(pre["what"])}).</p>']
+    if report.get("estimates"):  # roofline estimates: their own table, never in the measured one or the plot
+        est = report["estimates"]
+        parts += [f"<h2>Estimated on {escape(est[0]['target'])} (not measured)</h2>",
+                  '<p class="small">A roofline from the model\'s layers and the profile\'s GPU dense peak and bandwidth, with a per-layer '
+                  "cost calibrated on MLPerf ResNet-50 (AGX Orin; Orin NX predicted within 4%); small models at batch 1 err more.</p>",
+                  '<div class="table"><table><thead><tr><th>model</th><th>precision</th><th>estimated ms ≈</th><th>bound</th><th>MMACs</th></tr></thead><tbody>',
+                  *(f"<tr><td>{escape(e['name'])}</td><td>{escape(e['precision'])}</td><td>{e['latency_ms']:.3f}</td><td>{escape(e['bound'])}</td>"
+                    f"<td>{e['macs'] / 1e6:,.3f}</td></tr>" for e in est),
+                  "</tbody></table></div>"]
     if notes:
         parts += ["<h2>Notes</h2>", '<ul class="notes">', *(f"<li>{escape(n)}</li>" for n in notes), "</ul>"]
     parts += ["<h2>Host and target</h2>", f"<p><b>Target:</b> {escape(target_line)}.<br><b>Latency measured on:</b> "

@@ -242,9 +242,9 @@ def render_markdown(rep: dict) -> str:
     if rep.get("estimates"):
         lines += ["", f"**Estimated** on {rep['estimates'][0]['target']} (not measured: a roofline from the model's layers and the profile's "
                   "peak throughput and bandwidth, calibrated on MLPerf ResNet-50; error ±6% on the check in benchmarks/results/roofline.md, "
-                  "more on small models):", "", "| model | precision | estimated ms | bound | GMACs |", "|---|---|---|---|---|"]
+                  "more on small models):", "", "| model | precision | estimated ms | bound | MMACs |", "|---|---|---|---|---|"]
         for e in rep["estimates"]:
-            lines.append(f"| {e['name']} | {e['precision']} | {e['latency_ms']:.3f} | {e['bound']} | {e['macs'] / 1e9:.4f} |")
+            lines.append(f"| {e['name']} | {e['precision']} | {e['latency_ms']:.3f} | {e['bound']} | {e['macs'] / 1e6:,.3f} |")
     checks = rep.get("checks", {})
     if "export" in checks:
         e = checks["export"]
