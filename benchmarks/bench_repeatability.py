@@ -16,6 +16,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 
 def main() -> None:
@@ -25,14 +26,14 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=HERE / "results" / "bench_repeatability.md")
     a = ap.parse_args()
 
+    from _quick_run import quick_run
+
     from compressor import api
     from compressor.bench.host import describe_host
-    from compressor.config import BenchConfig, CompressConfig, DistillConfig
+    from compressor.config import BenchConfig
 
     t0 = time.perf_counter()
-    run = a.work / "run"
-    if not (run / "report.json").exists():
-        api.compress(CompressConfig(target="cpu", distill=DistillConfig(steps=300, evals=3, device="cpu")), out=run)
+    run = quick_run(a.work)
     reps = []
     for i in range(a.benches):
         reps.append(api.bench(run, BenchConfig(), force=True))

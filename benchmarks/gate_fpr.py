@@ -25,6 +25,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 
 def main() -> None:
@@ -35,16 +36,15 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=HERE / "results" / "gate_fpr.md")
     a = ap.parse_args()
 
+    from _quick_run import quick_run
+
     from compressor import api
     from compressor.bench.host import describe_host
-    from compressor.bench.report import load_report
-    from compressor.config import BenchConfig, CompressConfig, DistillConfig, GateConfig
+    from compressor.config import BenchConfig, GateConfig
     from compressor.gate import gate
 
     t0 = time.perf_counter()
-    run = a.work / "run"
-    if not (run / "report.json").exists():
-        api.compress(CompressConfig(target="cpu", distill=DistillConfig(steps=300, evals=3, device="cpu")), out=run)
+    run = quick_run(a.work)
     cfg = GateConfig()
     modes = {"single measurement": 1, f"--repeat {a.repeat}": a.repeat}
     res = {"host": describe_host(), "date": time.strftime("%Y-%m-%d"), "reports": a.reports, "modes": {}}

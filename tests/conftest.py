@@ -156,9 +156,25 @@ def tiny(tmp_path_factory) -> Tiny:
 @pytest.fixture
 def tiny_bench():
     """Bench settings small enough for a unit test."""
+    return small_bench()
+
+
+def small_bench(**changes):
+    """Bench settings small enough for a unit test (for module-scoped fixtures, which cannot use tiny_bench)."""
     from compressor.config import BenchConfig
 
-    return BenchConfig(threads=1, min_runs=5, min_duration_s=0.01, warmup_ms=1, warmup_runs=1, eval_batch_size=512)
+    return BenchConfig(threads=1, min_runs=5, min_duration_s=0.01, warmup_ms=1, warmup_runs=1, eval_batch_size=512).replace(**changes)
+
+
+def make_finished_run(tiny: "Tiny", out: Path, target: str, steps: int = 60) -> Path:
+    """A whole run (distill, export, quantize, bench, report) on the tiny data, quick enough for a module fixture."""
+    from compressor import api
+    from compressor.config import CompressConfig, DataConfig, DistillConfig
+
+    cfg = CompressConfig(teacher=str(tiny.torchscript), data=DataConfig(source=str(tiny.npz)), target=target,
+                         distill=DistillConfig(steps=steps, evals=2, device="cpu"), bench=small_bench())
+    api.compress(cfg, out=out)
+    return out
 
 
 @pytest.fixture(autouse=True, scope="session")

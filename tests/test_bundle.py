@@ -18,10 +18,9 @@ from compressor import api
 from compressor._io import safe_extract, sha256_file
 from compressor.bench.report import load_report, validate_report
 from compressor.bundle import build_engine_script, validate_manifest
-from compressor.config import BenchConfig, CompressConfig, DataConfig, DistillConfig
 from compressor.errors import CompressError
 
-from conftest import CLASSES, LENGTH, N_TEST, ROOT
+from conftest import CLASSES, LENGTH, N_TEST, ROOT, make_finished_run
 
 TARGET = "jetson-orin-nano-8gb"
 DEVICE_FLAGS = ["--min-runs", "5", "--min-duration", "0.01", "--warmup-ms", "1"]
@@ -29,12 +28,7 @@ DEVICE_FLAGS = ["--min-runs", "5", "--min-duration", "0.01", "--warmup-ms", "1"]
 
 @pytest.fixture(scope="module")
 def finished_run(tiny, tmp_path_factory) -> Path:
-    bench = BenchConfig(threads=1, min_runs=5, min_duration_s=0.01, warmup_ms=1, warmup_runs=1, eval_batch_size=512)
-    out = tmp_path_factory.mktemp("bundle") / "run"
-    cfg = CompressConfig(teacher=str(tiny.torchscript), data=DataConfig(source=str(tiny.npz)), target="jetson",
-                         distill=DistillConfig(steps=60, evals=2, device="cpu"), bench=bench)
-    api.compress(cfg, out=out)
-    return out
+    return make_finished_run(tiny, tmp_path_factory.mktemp("bundle") / "run", "jetson")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ sensitive node in float brings it back, and quantization-aware distillation does
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np

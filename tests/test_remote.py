@@ -18,10 +18,9 @@ import pytest
 
 from compressor import api
 from compressor.bench.report import load_report, validate_report
-from compressor.config import BenchConfig, CompressConfig, DataConfig, DistillConfig
 from compressor.remote import Ssh
 
-from conftest import N_TEST
+from conftest import N_TEST, make_finished_run
 
 SSHD = shutil.which("sshd") or next((p for p in ("/usr/sbin/sshd", "/usr/local/sbin/sshd") if os.access(p, os.X_OK)), None)
 MISSING = [t for t in ("ssh", "scp", "ssh-keygen") if shutil.which(t) is None] + ([] if SSHD else ["sshd"])
@@ -100,12 +99,7 @@ def sshd(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished_run(tiny, tmp_path_factory) -> Path:
     """A whole run for the CPU target: no TensorRT in its profile, which --remote takes all the same."""
-    bench = BenchConfig(threads=1, min_runs=5, min_duration_s=0.01, warmup_ms=1, warmup_runs=1, eval_batch_size=512)
-    out = tmp_path_factory.mktemp("remote") / "run"
-    cfg = CompressConfig(teacher=str(tiny.torchscript), data=DataConfig(source=str(tiny.npz)), target="cpu",
-                         distill=DistillConfig(steps=60, evals=2, device="cpu"), bench=bench)
-    api.compress(cfg, out=out)
-    return out
+    return make_finished_run(tiny, tmp_path_factory.mktemp("remote") / "run", "cpu")
 
 
 @pytest.fixture
@@ -204,7 +198,7 @@ def test_remote_python_without_onnxruntime_is_a_clear_error(sshd, run, tmp_path,
     assert code == 2 and _error_line(err) and "Traceback" not in err, err
     assert f"remote bench on {sshd.host}: check python ({py} with numpy and onnxruntime) failed" in err
     assert ("onnxruntime" in err.split("failed", 1)[1]) if case == "no-onnxruntime" else ("not found" in err or "No such file" in err)
-    assert f"pip install numpy onnxruntime" in err and "--remote-python" in err
+    assert "pip install numpy onnxruntime" in err and "--remote-python" in err
     assert list(remote_dir.iterdir()) == []
 
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from compressor.bench.latency import measure
-from compressor.config import DistillConfig
 from compressor.errors import CompressError
 from compressor.runtime import OnnxRuntimeRunner, TorchRunner, infer_batched
 

@@ -58,8 +58,6 @@ STEM_CHANNELS = 4
 def stem_convs(model) -> list[str]:
     """Names of the ordinary (group 1) convolutions that read at most STEM_CHANNELS input channels: with a reduction
     of C_in × k × k ≤ 36 they are too thin for the INT8 GEMM kernels to beat float."""
-    from onnx import numpy_helper  # noqa: F401  (onnx is loaded by the caller)
-
     inits = {t.name: t for t in model.graph.initializer}
     out = []
     for n in model.graph.node:
