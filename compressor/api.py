@@ -462,13 +462,12 @@ def bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bool = 
 
 
 def gate(current: str | Path, baseline: str | Path, config=None):
-    """Compare a report.json with a baseline report.json (compressor.gate); returns the GateResult (.passed, .checks)."""
-    from .bench.report import load_report
+    """Compare a run (or report.json) with a baseline (bundle, run or report.json): the baseline's models are re-timed
+    here beside the current ones where both sides have their files (compressor.gate); returns the GateResult."""
     from .config import GateConfig
-    from .gate import gate as run_gate
+    from .gate import compare
 
-    cur, base = _report_for(current, "current report"), _report_for(baseline, "baseline")
-    return run_gate(load_report(cur), load_report(base), config or GateConfig())
+    return compare(current, baseline, config or GateConfig())
 
 
 def _report_for(path: str | Path, what: str) -> Path:

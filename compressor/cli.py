@@ -12,7 +12,9 @@ from pathlib import Path
 import click
 
 from .config import BenchConfig, CompressConfig, DataConfig, DistillConfig, ExportConfig, GateConfig, QuantizeConfig
-from .errors import EXIT_BUG, EXIT_INTERRUPTED, CompressError
+from .errors import EXIT_BUG, EXIT_GATE_BUG, EXIT_INTERRUPTED, CompressError
+
+_BUG_EXIT = EXIT_BUG  # the exit code of an unexpected exception; compress gate raises it to EXIT_GATE_BUG
 
 log = logging.getLogger("compressor")
 STAGE_COMMANDS = ("distill", "export", "quantize", "bench", "report", "bundle", "targets", "run")
@@ -373,51 +375,75 @@ def bundle_cmd(run_dir, out, force):
 
 @cli.command("gate")
 @click.argument("current", type=click.Path(path_type=Path))
-@click.option("--baseline", required=True, type=click.Path(path_type=Path), help="The baseline report.json (or its run directory), e.g. one kept in your repository.")
+@click.option("--baseline", required=True, type=click.Path(path_type=Path), help="The baseline: a baseline bundle folder (written by --update-baseline; its models are re-timed here), a run directory, or a bare report.json.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="A gate.toml with thresholds and [[floor]] tables (flags override it).")
 @click.option("--max-accuracy-drop", type=click.FloatRange(min=0), help=f"Accuracy points a model may lose (default {GateConfig.max_accuracy_drop:g}).")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), help="Fraction of held-out rows each student must agree with the teacher on (default: not checked).")
-@click.option("--max-latency-regression", type=click.FloatRange(min=0), help=f"Fraction a latency may grow (default {GateConfig.max_latency_regression:g}; on ratios to the teacher measured inside each run).")
+@click.option("--max-latency-regression", type=click.FloatRange(min=0), help=f"Fraction a latency may grow (default {GateConfig.max_latency_regression:g}), with Mann-Whitney p < alpha on the rounds.")
 @click.option("--max-size-growth", type=click.FloatRange(min=0), help=f"Fraction a model file may grow (default {GateConfig.max_size_growth:g}).")
-@click.option("--absolute-latency", is_flag=True, default=None, help="Compare p50s themselves instead of ratios; both reports must come from the same host.")
+@click.option("--rounds", type=click.IntRange(min=3, max=1000), help=f"Re-timing: interleaved rounds per model and side (default {GateConfig.rounds}).")
+@click.option("--round-duration", "round_duration_s", type=click.FloatRange(min=0.001, max=60), help=f"Re-timing: seconds per model per round (default {GateConfig.round_duration_s:g}).")
+@click.option("--absolute-latency", is_flag=True, default=None, help="Do not re-time: compare the two reports' p50s; both must come from the same host (exit 2 otherwise).")
 @click.option("--floor", "floors", multiple=True, help="An absolute floor, MODEL:METRIC>=VALUE or <=VALUE, e.g. 'student onnx int8:accuracy>=0.93' (repeatable).")
 @click.option("--junit", type=click.Path(path_type=Path), help="Also write JUnit XML here (one test case per check).")
 @click.option("--markdown", type=click.Path(path_type=Path), help="Also write the Markdown summary here (it is appended to $GITHUB_STEP_SUMMARY when set).")
-@click.option("--update-baseline", is_flag=True, help="After comparing, write CURRENT as the new baseline (atomically) and exit 0.")
-def gate_cmd(current, baseline, config_path, max_accuracy_drop, min_agreement, max_latency_regression, max_size_growth, absolute_latency,
-             floors, junit, markdown, update_baseline):
-    """Compare CURRENT (a report.json or run directory) with a baseline report: exit 0 pass, 1 regression, 2 bad input."""
+@click.option("--update-baseline", is_flag=True, help="After comparing, write CURRENT as the new baseline and exit 0: into a folder, a baseline bundle (report, model files, latency sample, checksums); to FILE.json, the bare report.")
+def gate_cmd(current, baseline, config_path, max_accuracy_drop, min_agreement, max_latency_regression, max_size_growth, rounds, round_duration_s,
+             absolute_latency, floors, junit, markdown, update_baseline):
+    """Compare CURRENT (a run directory or report.json) with a baseline: exit 0 pass, 1 regression, 2 bad input, 4 the gate's own error."""
+    global _BUG_EXIT
+    _BUG_EXIT = EXIT_GATE_BUG  # an internal error must not read as a regression (1) or a pass (0)
     from ._io import write_text
-    from .api import _report_for
-    from .bench.report import load_report
-    from .gate import gate, github_summary, junit_xml, load_gate_config, print_table, render_markdown
+    from .api import gate
+    from .gate import github_summary, junit_xml, load_gate_config, print_table, render_markdown
 
-    cur_path = _report_for(current, "current report")
-    base_path = Path(baseline) / "report.json" if Path(baseline).is_dir() else Path(baseline)
-    if update_baseline and not base_path.exists():  # the first baseline: nothing to compare yet
-        load_report(cur_path)
-        write_text(base_path, cur_path.read_text(encoding="utf-8"))
-        click.echo(f"gate: no baseline yet; wrote {cur_path} as {base_path}")
+    bundle = update_baseline and (Path(baseline).is_dir() or Path(baseline).suffix.lower() != ".json")
+    if bundle:
+        from .bench.retime import check_bundle_target
+
+        check_bundle_target(Path(baseline))  # before any comparison: never a folder of someone else's files
+    if update_baseline and not _baseline_exists(baseline):  # the first baseline: nothing to compare yet
+        click.echo(_write_baseline(current, baseline, bundle) + " (no baseline yet)")
         return
     parsed = [_parse_floor(f) for f in floors]
     cfg = load_gate_config(config_path, extra_floors=parsed, max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement,
-                           max_latency_regression=max_latency_regression, max_size_growth=max_size_growth,
-                           absolute_latency=absolute_latency or None)
-    cur, base = load_report(cur_path), load_report(_report_for(base_path, "baseline"))
-    res = gate(cur, base, cfg)
+                           max_latency_regression=max_latency_regression, max_size_growth=max_size_growth, rounds=rounds,
+                           round_duration_s=round_duration_s, absolute_latency=absolute_latency or None)
+    res = gate(current, baseline, cfg)
     print_table(res)
-    md = render_markdown(res, str(cur_path), str(base_path))
+    md = render_markdown(res, str(current), str(baseline))
     if markdown:
         write_text(markdown, md)
     github_summary(md)
     if junit:
         write_text(junit, junit_xml(res))
     if update_baseline:
-        write_text(base_path, cur_path.read_text(encoding="utf-8"))
-        click.echo(f"gate: wrote {cur_path} as the new baseline {base_path}")
+        click.echo(_write_baseline(current, baseline, bundle))
         return
     if not res.passed:
         raise click.exceptions.Exit(1)
+
+
+def _baseline_exists(baseline: Path) -> bool:
+    b = Path(baseline)
+    return (b / "report.json").is_file() if b.is_dir() else b.is_file()
+
+
+def _write_baseline(current: Path, baseline: Path, bundle: bool) -> str:
+    from ._io import write_text
+    from .bench.report import load_report
+    from .bench.retime import open_side, write_bundle
+
+    if bundle:
+        marker = write_bundle(open_side(current, "current report"), Path(baseline))
+        return f"gate: wrote the baseline bundle {baseline} ({len(marker['files'])} files: {', '.join(sorted(marker['files']))})"
+    from .api import _report_for
+
+    cur_path = _report_for(current, "current report")
+    load_report(cur_path)
+    write_text(baseline, cur_path.read_text(encoding="utf-8"))
+    return (f"gate: wrote {cur_path} as the new baseline {baseline} (a bare report: its latencies are comparable only on the same host; "
+            "a folder as --baseline keeps the model files, which the gate re-times on any machine)")
 
 
 def _parse_floor(text: str) -> dict:
@@ -427,7 +453,13 @@ def _parse_floor(text: str) -> dict:
     if not m:
         raise click.BadParameter(f"'{text}' is not MODEL:METRIC>=VALUE or MODEL:METRIC<=VALUE", param_hint="--floor")
     model, metric, op, value = m.groups()
-    return {"model": model, "metric": metric, ("min" if op == ">=" else "max"): float(value)}
+    try:
+        v = float(value)
+    except ValueError:
+        v = None
+    if v is None or v != v or v in (float("inf"), float("-inf")):
+        raise click.BadParameter(f"'{text}': {value} is not a finite number", param_hint="--floor")
+    return {"model": model, "metric": metric, ("min" if op == ">=" else "max"): v}
 
 
 @cli.command("targets")
@@ -526,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)
+    global _BUG_EXIT
+    _BUG_EXIT = EXIT_BUG
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         rv = cli.main(args=argv, prog_name="compress", standalone_mode=False)
@@ -554,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback; please report it)", err=True)
-        return EXIT_BUG
+        return _BUG_EXIT
 
 
 if __name__ == "__main__":  # pragma: no cover

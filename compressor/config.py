@@ -140,10 +140,12 @@ class GateConfig(_Config):
 
     max_accuracy_drop: float = 0.5  # accuracy points a model may lose against the baseline
     min_agreement: float | None = None  # fraction of held-out rows a student must agree with the teacher on
-    max_latency_regression: float = 0.10  # fraction a latency (ratio, by default) may grow
+    max_latency_regression: float = 0.10  # fraction a latency (best round, re-timed here) may grow
     max_size_growth: float = 0.10  # fraction a file may grow
-    absolute_latency: bool = False  # compare p50s themselves (same host only) instead of ratios inside each run
-    alpha: float = 0.05  # significance of the one-sided Mann-Whitney U test when both reports have --repeat rounds
+    absolute_latency: bool = False  # compare the reports' p50s instead of re-timing (same host only)
+    alpha: float = 0.05  # significance of the one-sided Mann-Whitney U test on the rounds
+    rounds: int = 7  # re-timing: interleaved rounds per model and side (7 vs 7 rounds: smallest p = 0.0003)
+    round_duration_s: float = 0.2  # re-timing: seconds each model is timed in each round
     models: list[str] | None = None  # gate only these (names or role/format/precision); default every baseline model
     floors: list[dict] | None = None  # [{"model": "student onnx int8", "metric": "accuracy", "min": 0.93}]
 

@@ -5,6 +5,7 @@ EXIT_OK = 0
 EXIT_BUG = 1  # an unexpected exception: a bug in the tool, reported with a traceback in the log
 EXIT_INPUT = 2  # bad usage or bad input: fix the command or the file
 EXIT_RUNTIME = 3  # a stage failed at run time (disk full, NaN loss, export mismatch, out of memory)
+EXIT_GATE_BUG = 4  # compress gate only: an unexpected exception in the gate (its 1 means "regression", so a bug must not use it)
 EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM; the run can be resumed
 
 _KINDS = {"input": EXIT_INPUT, "runtime": EXIT_RUNTIME, "interrupted": EXIT_INTERRUPTED}

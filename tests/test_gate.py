@@ -1,6 +1,7 @@
-"""compress gate: exit codes (0 pass, 1 regression, 2 bad input), ratio vs absolute latency, the Mann-Whitney rule on
-repeated rounds, floors and config files, JUnit XML (parsed with junitparser), the Markdown summary, --update-baseline,
-and compress bench --repeat writing the rounds the gate tests."""
+"""compress gate on reports: exit codes (0 pass, 1 regression, 2 bad input, 4 the gate's own error), same-host vs
+"not comparable" latency, the Mann-Whitney rule on repeated rounds, fail-closed inputs, floors and config files, JUnit XML
+(parsed with junitparser), the Markdown summary, --update-baseline, and compress bench --repeat writing the rounds the
+gate tests. Re-timing a baseline bundle beside a real run: tests/test_gate_retime.py."""
 from __future__ import annotations
 
 import copy
@@ -58,43 +59,128 @@ def test_lost_accuracy_and_doubled_latency_fail_with_exit_1(reports, cli):
     assert {(c.model, c.check) for c in res.failed} == {("student onnx int8", "accuracy"), ("student onnx int8", "latency")}
 
 
-@pytest.mark.parametrize("case", ["missing", "not-json", "invalid-schema", "missing-baseline", "bad-config", "bad-floor"])
-def test_bad_input_exits_2_with_one_line(reports, cli, case):
+@pytest.mark.parametrize("case", ["missing", "not-json", "invalid-schema", "missing-baseline", "bad-config", "bad-floor", "nan-p50",
+                                  "inf-accuracy", "nan-round", "zero-p50", "huge-size", "floor-not-a-number", "floor-inf",
+                                  "config-wrong-type", "config-bool-for-number", "config-floor-string", "config-unknown-key",
+                                  "config-negative", "config-rounds-float", "deep-json", "oversized-json", "config-folder",
+                                  "absolute-across-hosts"])
+def test_bad_input_exits_2_with_one_line(reports, cli, case, monkeypatch):
+    """Fail closed: every value the gate cannot trust is exit 2 with one line naming it, never a pass, never exit 1."""
     base, tmp = reports
     args = ["gate", base, "--baseline", base]
+    bad = copy.deepcopy(BASE)
+    int8 = _model(bad, "student onnx int8")
+    toml = None
     if case == "missing":
         args[1] = tmp / "nope.json"
     elif case == "not-json":
         args[1] = tmp / "bad.json"
         args[1].write_text("{not json")
     elif case == "invalid-schema":
-        bad = copy.deepcopy(BASE)
         del bad["models"][0]["accuracy"]
-        args[1] = _write(tmp / "invalid.json", bad)
     elif case == "missing-baseline":
         args[3] = tmp / "no-baseline.json"
     elif case == "bad-config":
-        (tmp / "gate.toml").write_text("max_accuracy_drop = [")
-        args += ["--config", tmp / "gate.toml"]
-    else:
+        toml = "max_accuracy_drop = ["
+    elif case == "bad-floor":
         args += ["--floor", "student accuracy at least 0.9"]
-    code, _, err = cli(*args)
-    assert code == 2, err
-    assert len([ln for ln in err.strip().splitlines() if ln.strip()]) <= 3 and err.strip()
+    elif case == "nan-p50":
+        int8["latency_ms"]["p50"] = float("nan")
+    elif case == "inf-accuracy":
+        int8["accuracy"] = float("inf")
+    elif case == "nan-round":
+        int8["latency_ms"]["samples_p50"] = [0.01, float("nan"), 0.01]
+    elif case == "zero-p50":
+        int8["latency_ms"]["p50"] = 0.0
+    elif case == "huge-size":
+        int8["size_bytes"] = 1e400  # parses as infinity
+    elif case == "floor-not-a-number":
+        args += ["--floor", "student onnx int8:accuracy>=0.9.9"]
+    elif case == "floor-inf":
+        args += ["--floor", "student onnx int8:accuracy>=1e999"]
+    elif case == "config-wrong-type":
+        toml = 'max_accuracy_drop = "half a point"'
+    elif case == "config-bool-for-number":
+        toml = "max_latency_regression = true"
+    elif case == "config-floor-string":
+        toml = '[[floor]]\nmodel = "student onnx int8"\nmetric = "accuracy"\nmin = "0.9"'
+    elif case == "config-unknown-key":
+        toml = "max_acuracy_drop = 1.0"
+    elif case == "config-negative":
+        toml = "max_size_growth = -0.5"
+    elif case == "config-rounds-float":
+        toml = "rounds = 7.5"
+    elif case == "deep-json":
+        args[1] = tmp / "deep.json"
+        args[1].write_text("[" * 100_000 + "]" * 100_000)
+    elif case == "oversized-json":
+        from compressor.bench import report as report_mod
+
+        monkeypatch.setattr(report_mod, "REPORT_MAX_BYTES", 1000)
+    elif case == "config-folder":
+        args += ["--config", tmp]
+    else:  # --absolute-latency between two hosts
+        bad["host"]["cpu"] = "Another CPU"
+        args.append("--absolute-latency")
+    if case in ("nan-p50", "inf-accuracy", "nan-round", "zero-p50", "huge-size", "invalid-schema", "absolute-across-hosts"):
+        args[1] = tmp / "bad.json"
+        args[1].write_text(json.dumps(bad))  # json.dumps writes NaN / Infinity, as a buggy writer would
+    if toml is not None:
+        (tmp / "gate.toml").write_text(toml)
+        args += ["--config", tmp / "gate.toml"]
+    code, out, err = cli(*args)
+    assert code == 2, (code, out, err)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert 1 <= len(lines) <= 3 and "internal error" not in err and "gate PASS" not in out
+    if case in ("nan-p50", "inf-accuracy", "nan-round", "huge-size"):
+        assert ("student onnx int8" in err or "models/4/" in err) and ("nan" in err or "inf" in err)  # names the value
 
 
-def test_ratios_survive_a_slower_machine_and_absolute_latency_needs_the_same_host(reports, cli):
+def test_compress_gate_with_a_nan_p50_exits_2(reports, cli):
     base, tmp = reports
-    slower = copy.deepcopy(BASE)  # every model 3x slower: another CI runner, same model
+    bad = copy.deepcopy(BASE)
+    _model(bad, "student onnx int8")["latency_ms"]["p50"] = float("nan")
+    (tmp / "nan.json").write_text(json.dumps(bad))
+    for cur, b in ((tmp / "nan.json", base), (base, tmp / "nan.json")):  # on either side
+        code, _, err = cli("gate", cur, "--baseline", b)
+        assert code == 2 and "p50 is nan" in err, err
+
+
+def test_an_internal_error_in_gate_is_exit_4_not_a_verdict(reports, cli, monkeypatch):
+    import compressor.gate as gate_mod
+
+    base, _ = reports
+
+    def boom(*a, **k):
+        raise KeyError("a bug")
+    monkeypatch.setattr(gate_mod, "compare", boom)
+    code, _, err = cli("gate", base, "--baseline", base)
+    assert code == 4 and "internal error" in err
+    assert cli("targets")[0] == 0  # other commands keep their codes
+    monkeypatch.setattr(gate_mod, "compare", lambda *a, **k: 1 / 0)
+    assert cli("gate", base, "--baseline", base)[0] == 4
+
+
+def test_same_host_reports_compare_milliseconds_and_other_hosts_are_not_comparable(reports, cli):
+    """A bare report carries no model files: on the same host (fingerprint) its p50s are compared; from another host
+    the latency checks are visible skips naming both hosts, never a pass or a fail; --absolute-latency refuses."""
+    base, tmp = reports
+    slower = copy.deepcopy(BASE)  # every model 3x slower
     for m in slower["models"]:
         for k in ("p50", "p90", "p99", "mean"):
             m["latency_ms"][k] *= 3.0
-    cur = _write(tmp / "slower.json", slower)
-    assert cli("gate", cur, "--baseline", base)[0] == 0
-    assert cli("gate", cur, "--baseline", base, "--absolute-latency")[0] == 1  # same host: really slower
+    code, out, _ = cli("gate", _write(tmp / "slower.json", slower), "--baseline", base)
+    assert code == 1 and "same host, from the reports" in out
     other = copy.deepcopy(slower)
-    other["host"]["cpu"] = "Another CPU"
-    code, _, err = cli("gate", _write(tmp / "other.json", other), "--baseline", base, "--absolute-latency")
+    other["host"]["cpu"] = "Intel Xeon"
+    code, out, _ = cli("gate", _write(tmp / "other.json", other), "--baseline", base, "--markdown", tmp / "g.md")
+    assert code == 0
+    res = gate(other, BASE, GateConfig())
+    lat = [c for c in res.checks if c.check == "latency"]
+    assert lat and all(c.status == "skip" for c in lat)
+    assert all("not comparable: measured on AMD EPYC (2 cores), now on Intel Xeon (2 cores)" in c.detail for c in lat)
+    assert "not comparable" in (tmp / "g.md").read_text() and "not comparable" in res.summary()
+    code, _, err = cli("gate", tmp / "other.json", "--baseline", base, "--absolute-latency")
     assert code == 2 and "same host" in err
 
 
@@ -157,7 +243,7 @@ def test_junit_xml_parses_and_markdown_goes_to_the_step_summary(reports, cli, mo
     cases = [c for suite in xml for c in suite]
     failed = {(c.classname, c.name) for c in cases if any(isinstance(r, Failure) for r in c.result)}
     assert failed == {("student onnx int8", "accuracy"), ("student onnx int8", "latency")}
-    assert any(isinstance(r, Skipped) for c in cases for r in c.result)  # the reference's own latency
+    assert not any(isinstance(r, Skipped) for c in cases for r in c.result)  # same host: every latency compared
     assert len(cases) == len(gate(_regressed(), BASE, GateConfig()).checks)
     text = summary.read_text()
     assert text.startswith("earlier step\n")  # appended, not overwritten

@@ -62,3 +62,11 @@ def describe_host() -> dict:
 def has_vnni() -> bool:
     _, flags = _cpu()
     return bool({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"} & flags)
+
+
+def host_fingerprint(rep: dict) -> dict:
+    """What must match for two reports' milliseconds to be comparable: CPU model and count, GPU, threads, runtimes."""
+    h = rep["host"]
+    threads = sorted({m.get("threads") for m in rep["models"] if m.get("threads") is not None})
+    return {"cpu": h.get("cpu"), "cpu_count": h.get("cpu_count"), "gpu": h.get("gpu"), "threads": threads,
+            "onnxruntime": h.get("versions", {}).get("onnxruntime"), "torch": h.get("versions", {}).get("torch")}

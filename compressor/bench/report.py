@@ -13,16 +13,28 @@ def validate_report(rep: dict, where: str = "report") -> dict:
     return schemas.validate(rep, "report", f"{where} (report schema version 1)")
 
 
+REPORT_MAX_BYTES = 64 << 20  # reports are kilobytes; a larger file is refused before it is read
+
+
 def load_report(path: str | Path) -> dict:
     """Read and validate a report.json."""
     p = Path(path)
     try:
+        if p.is_file() and p.stat().st_size > REPORT_MAX_BYTES:
+            raise CompressError(f"{p} is larger than {REPORT_MAX_BYTES >> 20} MB; a report.json is a few kB", hint="pass a report.json written by 'compress bench'")
         rep = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CompressError(f"{p} does not exist", hint="run 'compress bench' first") from None
+    except IsADirectoryError:
+        raise CompressError(f"{p} is a folder, not a report.json") from None
+    except RecursionError:
+        raise CompressError(f"{p} is nested too deeply to be a report.json") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CompressError(f"{p} is not readable JSON: {exc}") from None
-    return validate_report(rep, str(p))
+        raise CompressError(f"{p} is not readable JSON: {str(exc)[:200]}") from None
+    try:
+        return validate_report(rep, str(p))
+    except RecursionError:
+        raise CompressError(f"{p} is nested too deeply to be a report.json") from None
 
 
 def build_report(run, models: list[dict]) -> dict:

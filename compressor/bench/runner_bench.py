@@ -61,8 +61,9 @@ def bench_models(run, cfg: BenchConfig) -> list[dict]:
         rows.append(_one(*args, run, cfg, teacher_pred)[0])
         runners.append((rows[-1], args[3], cfg))
 
-    add("student", "student", "fp32", TorchRunner(run.load_trained("student"), threads), run.path("student.pt"),
-        student_params)
+    student = run.load_trained("student")
+    add("student", "student", "fp32", TorchRunner(student, threads), run.path("student.pt"), student_params)
+    _save_timing_copies(run, cfg, student, rows[-1])
     if "baseline" in distill["outputs"]:
         add("baseline (labels only)", "baseline", "fp32", TorchRunner(run.load_trained("baseline"), threads),
             run.path("baseline.pt"), student_params)
@@ -82,6 +83,39 @@ def bench_models(run, cfg: BenchConfig) -> list[dict]:
     if cfg.batch_sweep:
         batch_sweep(runners, run, cfg)
     return rows
+
+
+def _save_timing_copies(run, cfg: BenchConfig, student, row: dict) -> None:
+    """What compress gate needs to re-time this run beside a baseline without running the student's code: the batch
+    the latencies are measured on (latency_sample.npy) and a TorchScript trace of the PyTorch student
+    (student.torchscript.pt, named by the row's timing_file). A student that does not trace keeps no copy: the gate
+    then says why it cannot re-time that row."""
+    import torch
+
+    from .._io import atomic_path
+    from .retime import SAMPLE
+
+    x1 = np.ascontiguousarray(run.data.x_test[: cfg.batch_size])
+    with atomic_path(run.path(SAMPLE)) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, x1, allow_pickle=False)
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            traced = torch.jit.trace(student.eval(), torch.from_numpy(x1), check_trace=False, strict=False)
+        with TorchRunner(traced, cfg.threads) as r:  # the copy must run and give the student's logits, or it is not kept
+            y = r.infer(x1)
+        with TorchRunner(student, cfg.threads) as r:
+            ref = r.infer(x1)
+        if not (isinstance(y, np.ndarray) and y.shape == ref.shape and np.allclose(y, ref, rtol=1e-3, atol=1e-4)):
+            raise ValueError("the traced copy does not reproduce the student's outputs")
+        with atomic_path(run.path("student.torchscript.pt")) as tmp:
+            torch.jit.save(traced, str(tmp))
+        row["timing_file"] = "student.torchscript.pt"
+    except Exception as exc:  # tracing is best effort: data-dependent control flow, exotic outputs
+        import logging
+
+        run.path("student.torchscript.pt").unlink(missing_ok=True)
+        logging.getLogger("compressor").debug(f"bench: no TorchScript copy of the student for compress gate ({type(exc).__name__}: {exc})")
 
 
 def _rounds(runners: list, run, cfg: BenchConfig) -> None:

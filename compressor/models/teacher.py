@@ -107,7 +107,7 @@ class Teacher:
         return None
 
 
-def _sniff(path: Path) -> str:
+def sniff_format(path: Path) -> str:
     """Guess the format from the bytes: 'torchscript', 'torch.export', 'torch.save', 'onnx' or 'unknown'."""
     try:
         is_zip = zipfile.is_zipfile(path)
@@ -147,7 +147,7 @@ def load_teacher(path: str | Path, arch: str | None = None, trust: bool = False,
         raise CompressError(f"teacher {p} is a folder; pass a model file (TorchScript, .pt2, ONNX or a state dict)")
     if p.stat().st_size == 0:
         raise CompressError(f"teacher {p} is empty")
-    kind = _sniff(p)
+    kind = sniff_format(p)
     if kind == "torchscript":
         return _load_torchscript(p)
     if kind == "torch.export":
