@@ -276,7 +276,7 @@ def export_cmd(run_dir, opset, atol, simplify, force):
 
 @cli.command("quantize")
 @run_dir_arg
-@click.option("--recipe", help="INT8 recipe (default: the target's): tensorrt, cpu-u8s8, cpu-s8s8, cpu-u8s8-reduced, cpu-dynamic, "
+@click.option("--recipe", help="INT8 recipe (default: the target's): tensorrt, cpu-u8s8, cpu-s8s8, cpu-u8s8-reduced, cpu-dynamic, cpu-dynamic-reduced, "
               "or cpu-auto (each tried on this CPU, the fastest within --int8-tolerance kept).")
 @click.option("--calibration-rows", type=click.IntRange(min=1), help=f"Rows of your data used to calibrate (default {QuantizeConfig.calibration_rows}).")
 @click.option("--calibrate-method", type=click.Choice(["minmax", "entropy", "percentile"]))

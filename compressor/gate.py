@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -268,10 +269,11 @@ def gate(current: dict, baseline: dict, cfg: GateConfig, timed: dict | None = No
     return res
 
 
-def _decide(name: str, bs: list[float] | None, cs: list[float] | None, bv: float, cv: float, cfg: GateConfig, how: str) -> Check:
-    """Rounds on both sides: a regression needs Mann-Whitney p < alpha and a best-round slowdown over the threshold.
-    Otherwise the threshold alone decides on the two values."""
-    effect = cv / bv - 1.0
+def _decide(name: str, bs: list[float] | None, cs: list[float] | None, bv: float, cv: float, cfg: GateConfig, how: str,
+            effect: float | None = None) -> Check:
+    """Rounds on both sides: a regression needs Mann-Whitney p < alpha and a slowdown (effect, default cv/bv - 1) over
+    the threshold. Otherwise the threshold alone decides on the two values."""
+    effect = cv / bv - 1.0 if effect is None else effect
     limit = f"slowdown ≤ {100 * cfg.max_latency_regression:g}%"
     if bs and cs:
         p = mann_whitney_greater(cs, bs)
@@ -283,11 +285,15 @@ def _decide(name: str, bs: list[float] | None, cs: list[float] | None, bv: float
 
 
 def _latency_check(name, b, c, cfg, timed, differ, why_not, current, baseline) -> tuple[Check, str | None]:
-    if timed is not None:  # both sides timed here, side by side: best rounds for the effect, all rounds for the test
+    if timed is not None:  # both sides timed here, side by side, round by round
         bs, cs = [float(v) for v in timed[0]], [float(v) for v in timed[1]]
-        if not bs or not cs or min(bs) <= 0 or min(cs) <= 0 or not all(map(math.isfinite, bs + cs)):
+        if not bs or len(bs) != len(cs) or min(bs) <= 0 or min(cs) <= 0 or not all(map(math.isfinite, bs + cs)):
             raise CompressError(f"re-timing '{name}' gave unusable times ({bs[:3]}..., {cs[:3]}...)", hint="rerun the gate")
-        return _decide(name, bs, cs, min(bs), min(cs), cfg, "re-timed here, interleaved"), "re-timed here"
+        # the effect: the median over rounds of current/baseline measured in the same round (paired, so a slow round
+        # slows both sides and moves no ratio)
+        ratio = float(statistics.median(c / b for b, c in zip(bs, cs)))
+        return _decide(name, bs, cs, float(statistics.median(bs)), float(statistics.median(cs)), cfg, "re-timed here, interleaved",
+                       effect=ratio - 1.0), "re-timed here"
     if b.get("latency_measured_on", "host") != "host" or c.get("latency_measured_on", "host") != "host":
         if differ is None and b.get("device") == c.get("device"):
             pass  # same host and same device: the device's milliseconds compare like the host's

@@ -65,6 +65,9 @@ def build_report(run, models: list[dict]) -> dict:
         notes.append(f"INT8 kept {len(quant['kept_float'])} node(s) in float to stay within {quant['int8_tolerance']:g} point(s) of FP32: "
                      + ", ".join(f"{k['node']} ({k['op']})" for k in quant["kept_float"])
                      + (f"; they cost {cost:+.3f} ms p50 against the fully quantized model (batch 1, 1 thread)" if cost is not None else "") + ".")
+    if int8 and int8.get("accuracy_note"):
+        notes.append(f"INT8 accuracy and agreement of the TensorRT graph were computed with its Q/DQ arithmetic emulated as TensorRT "
+                     "computes it (ONNX Runtime with Q/DQ fusion off), not with this CPU's integer kernels; its latency here is ONNX Runtime's.")
     if quant.get("qat") and quant["qat"].get("used"):
         notes.append(f"INT8 comes from the student fine-tuned with fake quantization against the teacher ({quant['qat']['steps']} steps): "
                      "plain post-training quantization missed the tolerance.")

@@ -184,11 +184,12 @@ class Pair:
     cur_samples: list = field(default_factory=list)
 
 
-def time_pairs(pairs: list[Pair], *, rounds: int = 7, duration_s: float = 0.2, warmup_ms: float = 100.0) -> None:
-    """Time every pair in `rounds` interleaved rounds: each round measures every model of both sides for
-    `duration_s` (median of the calls), baseline first in even rounds and current first in odd ones, so drift and
-    bursts of other work fall on both sides alike. Fills each pair's base_samples / cur_samples (ms per call)."""
-    from .latency import measure
+def time_pairs(pairs: list[Pair], *, rounds: int = 7, duration_s: float = 0.2, warmup_ms: float = 100.0, block_s: float = 0.005) -> None:
+    """Time every pair in `rounds` rounds. In each round the baseline model and the current one alternate in blocks of
+    about `block_s` (the one that starts alternates too) for `duration_s` in all, so a burst of other work, a frequency
+    change or a neighbour's cache traffic falls on both sides alike; each side's round value is the median of its calls.
+    Fills each pair's base_samples / cur_samples (ms per call, one value a round)."""
+    import time
 
     active = []
     try:
@@ -196,16 +197,31 @@ def time_pairs(pairs: list[Pair], *, rounds: int = 7, duration_s: float = 0.2, w
             for r in (p.base_runner, p.cur_runner):
                 r.activate()
                 active.append(r)
-        for p in pairs:  # warm-up: first calls allocate, page in weights and pick kernels
+        blocks = []
+        for p in pairs:  # warm-up (first calls allocate, page in weights, pick kernels); it also sizes the blocks
+            per_call = []
             for r, x in ((p.base_runner, p.base_x), (p.cur_runner, p.cur_x)):
-                measure(lambda: r.infer(x), warmup_ms=warmup_ms, warmup_runs=5, min_runs=1, min_duration_s=0.0)
+                end, n = time.perf_counter() + warmup_ms / 1000, 0
+                t0 = time.perf_counter()
+                while n < 5 or time.perf_counter() < end:
+                    r.infer(x)
+                    n += 1
+                per_call.append((time.perf_counter() - t0) / n)
+            blocks.append(max(1, int(block_s / max(per_call))))
         bar = _bar(rounds * len(pairs))
         for k in range(rounds):
-            for p in pairs:
-                order = ((p.base_runner, p.base_x, p.base_samples), (p.cur_runner, p.cur_x, p.cur_samples))
-                for r, x, acc in (order if k % 2 == 0 else order[::-1]):
-                    lat = measure(lambda: r.infer(x), warmup_ms=0.0, warmup_runs=2, min_runs=20, min_duration_s=duration_s)
-                    acc.append(lat["p50"])
+            for p, n in zip(pairs, blocks):
+                sides = [(p.base_runner, p.base_x, []), (p.cur_runner, p.cur_x, [])]
+                end, flip = time.perf_counter() + duration_s, k % 2
+                while time.perf_counter() < end or min(len(sides[0][2]), len(sides[1][2])) < 10:
+                    for r, x, acc in (sides if not flip else sides[::-1]):
+                        for _ in range(n):
+                            t0 = time.perf_counter()
+                            r.infer(x)
+                            acc.append(time.perf_counter() - t0)
+                    flip ^= 1
+                p.base_samples.append(1000.0 * float(np.median(sides[0][2])))
+                p.cur_samples.append(1000.0 * float(np.median(sides[1][2])))
                 bar(f"round {k + 1}/{rounds}")
         bar(None)
     finally:

@@ -31,7 +31,7 @@ def _fake_quant(x, lo, hi, signed: bool):
     return (torch.clamp(v, qmin, qmax) - zp) * scale
 
 
-def _wrap(module, signed: bool):
+def _wrap(module, signed: bool, weight_bits: int = 8):
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -67,8 +67,9 @@ def _wrap(module, signed: bool):
             x = _fake_quant(x, self.lo, self.hi, signed)
             w = self.inner.weight
             dims = tuple(range(1, w.dim()))
-            wscale = w.detach().abs().amax(dim=dims, keepdim=True).clamp_min(1e-8) / 127.0
-            wq = w + ((w / wscale).round().clamp(-128, 127) * wscale - w).detach()
+            wmax = 2.0 ** (weight_bits - 1) - 1  # 127, or 63 for the 7-bit weights of a reduced-range recipe
+            wscale = w.detach().abs().amax(dim=dims, keepdim=True).clamp_min(1e-8) / wmax
+            wq = w + ((w / wscale).round().clamp(-wmax - 1, wmax) * wscale - w).detach()
             if isinstance(self.inner, nn.Linear):
                 return F.linear(x, wq, self.inner.bias)
             return self.inner._conv_forward(x, wq, self.inner.bias)
@@ -153,7 +154,7 @@ def quantization_aware_distill(run, chosen: dict, calib: np.ndarray, val, cfg, w
     student.eval()
     folded = _fold_bn(student)
     signed = recipe.activation == "s8"
-    wrapped = _replace(student, lambda m: _wrap(m, signed))
+    wrapped = _replace(student, lambda m: _wrap(m, signed, 7 if recipe.reduce_range else 8))
     if not wrapped:
         return {"skipped": "the student has no Conv/Linear layer to fine-tune"}, None
     fq = [m for m in student.modules() if type(m).__name__ == "FakeQuant"]
@@ -193,7 +194,7 @@ def quantization_aware_distill(run, chosen: dict, calib: np.ndarray, val, cfg, w
     except CompressError:  # node names differ after the rewrite: quantize every node
         exclude = []
         info = quantize_with(recipe, qat_fp32, qat_pre, path, calib, cfg.calibrate_method, cfg.per_channel)
-    trial = {"recipe": recipe.name, **evaluate(path, val, val.fp32_score()), "fallback": info["fallback"], "path": path,
+    trial = {"recipe": recipe.name, **evaluate(path, val, val.fp32_score(), recipe.name), "fallback": info["fallback"], "path": path,
              "kept_float": exclude, "qat": True}
     done = {"steps": cfg.qat_steps, "layers": wrapped, "batchnorm_folded": folded, "seconds": round(time.perf_counter() - t0, 2),
             "drop_points": trial["drop_points"], "used": trial["drop_points"] < chosen["drop_points"]}

@@ -12,11 +12,16 @@ from .._io import atomic_path
 from ..errors import CompressError
 
 
-def make_session(path: str | Path, threads: int | None = 1, providers: list[str] | None = None):
-    """An ONNX Runtime session with a fixed thread count (None: ORT's default)."""
+def make_session(path: str | Path, threads: int | None = 1, providers: list[str] | None = None, emulate_qdq: bool = False):
+    """An ONNX Runtime session with a fixed thread count (None: ORT's default). emulate_qdq: run Q/DQ pairs as written
+    (quantize, dequantize, float op) instead of fusing them into ONNX Runtime's integer CPU kernels, which on x86 CPUs
+    without VNNI compute u8×s8 products with 16-bit saturation; the emulation is the arithmetic of TensorRT's INT8
+    (exact int8 products, int32 sums), so a graph meant for TensorRT is judged as the device will run it."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if emulate_qdq:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -47,11 +47,13 @@ _RECIPES = {
                reduce_range=True),
         Recipe("cpu-dynamic", "ONNX Runtime dynamic INT8: s8 weights quantized ahead of time, activations at run time, no calibration "
                "(for models dominated by MatMul/Gemm)", kind="dynamic"),
+        Recipe("cpu-dynamic-reduced", "cpu-dynamic with 7-bit weights, for CPUs without VNNI (avoids u8×s8 saturation)", kind="dynamic",
+               reduce_range=True),
         Recipe("fp16", "FP16 weights and activations (graph inputs and outputs kept FP32 unless asked otherwise)", kind="fp16"),
     )
 }
 # "auto" recipes: every candidate is built, measured on this CPU, and the fastest within the accuracy tolerance wins.
-AUTO_CANDIDATES = {"cpu-auto": ("cpu-u8s8", "cpu-u8s8-float-stem", "cpu-s8s8", "cpu-u8s8-reduced", "cpu-dynamic")}
+AUTO_CANDIDATES = {"cpu-auto": ("cpu-u8s8", "cpu-u8s8-float-stem", "cpu-s8s8", "cpu-u8s8-reduced", "cpu-dynamic", "cpu-dynamic-reduced")}
 STEM_CHANNELS = 4
 
 
@@ -92,10 +94,11 @@ def auto_candidates(name: str, fp32: Path, vnni: bool) -> list[str]:
     out = list(AUTO_CANDIDATES[name])
     if vnni:
         out.remove("cpu-u8s8-reduced")
+        out.remove("cpu-dynamic-reduced")
     if not stem_convs(model):
         out.remove("cpu-u8s8-float-stem")
     if ops & {"Conv", "ConvTranspose"} or not ops & {"MatMul", "Gemm"}:
-        out.remove("cpu-dynamic")
+        out = [r for r in out if get_recipe(r).kind != "dynamic"]
     return out
 
 
@@ -424,7 +427,7 @@ def check_tensorrt_qdq(path_or_model, float_nodes=()) -> list[str]:
     return bad
 
 
-def sensitivity(fp32_pre: Path, qpath: Path, rows: np.ndarray) -> list[dict]:
+def sensitivity(fp32_pre: Path, qpath: Path, rows: np.ndarray, emulate_qdq: bool = False) -> list[dict]:
     """Rank the compute nodes of a Q/DQ model by the error they add. Every tensor the two models share is read from the
     float model and from the quantized one on the same rows; a node's added error is the relative error of its output
     minus the largest relative error among the float tensors its quantized inputs came from. A node reading an activation
@@ -479,7 +482,7 @@ def sensitivity(fp32_pre: Path, qpath: Path, rows: np.ndarray) -> list[dict]:
         with tempfile.TemporaryDirectory() as d:
             p = Path(d) / "m.onnx"
             onnx.save(model, str(p))
-            sess = make_session(p, threads=None)
+            sess = make_session(p, threads=None, emulate_qdq=emulate_qdq and key == "q")
             names = [o.name for o in sess.get_outputs()]
             feed = sess.get_inputs()[0].name
             vals[key] = dict(zip(names, sess.run(names, {feed: rows})))

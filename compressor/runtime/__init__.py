@@ -68,14 +68,14 @@ class OnnxRuntimeRunner(Runner):
     format = "onnx"
     runtime = "onnxruntime"
 
-    def __init__(self, path: str | Path, threads: int = 1, providers: list[str] | None = None):
+    def __init__(self, path: str | Path, threads: int = 1, providers: list[str] | None = None, emulate_qdq: bool = False):
         super().__init__(threads)
-        self.path, self.providers = Path(path), providers or ["CPUExecutionProvider"]
+        self.path, self.providers, self.emulate_qdq = Path(path), providers or ["CPUExecutionProvider"], emulate_qdq
 
     def activate(self):
         from ..export.onnx_io import make_session
 
-        self.session = make_session(self.path, self.threads, self.providers)
+        self.session = make_session(self.path, self.threads, self.providers, emulate_qdq=self.emulate_qdq)
         self.input_name = self.session.get_inputs()[0].name
         return self
 
