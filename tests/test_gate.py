@@ -299,3 +299,12 @@ def test_bench_defaults_to_rounds_and_sweeps_batches_on_request(tiny, tmp_path):
     assert not any("throughput" in m for m in rep["models"] if m["format"] != "onnx")
     md = render_markdown(rep)
     assert "Throughput (items/s" in md and "| student onnx int8 |" in md
+
+
+def test_the_example_gate_toml_and_the_ci_one_load():
+    from compressor.gate import load_gate_config
+
+    root = Path(__file__).resolve().parent.parent
+    for path in (root / "examples" / "ci" / "gate.toml", root / "benchmarks" / "baselines" / "ci" / "gate.toml"):
+        cfg = load_gate_config(path)
+        assert cfg.rounds == 7 and cfg.floors and cfg.floors[0]["model"] == "student onnx int8"

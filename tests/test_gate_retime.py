@@ -23,13 +23,14 @@ INT8 = "student onnx int8"
 
 @pytest.fixture(scope="module")
 def runs(tiny, tmp_path_factory):
-    """One finished run; a baseline bundle of it benched with 2 threads (b2) and one with 1 thread (b1); the run
-    itself left benched with 1 thread. The models in all three are the same files."""
+    """One finished run; a baseline bundle of it benched with 2 threads at batch 16 (b2) and one with 1 thread at batch 1
+    (b1); the run itself left benched like b1. The models in all three are the same files; the settings shift relative
+    speeds (per-call overheads of torch and ONNX Runtime amortise differently over a batch, threads help each unequally)."""
     d = tmp_path_factory.mktemp("retime")
     run = make_finished_run(tiny, d / "run", "cpu")
     from compressor.bench.retime import open_side, write_bundle
 
-    api.bench(run, small_bench(threads=2, repeat=5, min_duration_s=0.1, min_runs=50), force=True)
+    api.bench(run, small_bench(threads=2, batch_size=16, repeat=5, min_duration_s=0.1, min_runs=50), force=True)
     write_bundle(open_side(run, "run"), d / "b2")
     api.bench(run, small_bench(threads=1, repeat=5, min_duration_s=0.1, min_runs=50), force=True)
     write_bundle(open_side(run, "run"), d / "b1")
@@ -48,36 +49,10 @@ def _ratio_gate_fails(cur: dict, base: dict, limit: float = 0.10) -> list[str]:
     return [n for n in rb if min(rc[n]) / min(rb[n]) - 1 > limit and mann_whitney_greater(rc[n], rb[n]) < 0.05]
 
 
-class _Slower:
-    """A runner that spends `extra_s` more per call: the current student made slower, as a wrapper model would."""
-
-    def __init__(self, inner, extra_s: float):
-        self.inner, self.extra_s = inner, extra_s
-
-    def activate(self):
-        self.inner.activate()
-        return self
-
-    def deactivate(self):
-        self.inner.deactivate()
-
-    def __enter__(self):
-        return self.activate()
-
-    def __exit__(self, *exc):
-        self.deactivate()
-
-    def infer(self, x):
-        y = self.inner.infer(x)
-        end = time.perf_counter() + self.extra_s
-        while time.perf_counter() < end:
-            pass
-        return y
-
-
 def _slow_current(monkeypatch, run, name: str = INT8, factor: float = 0.30):
-    """Make compress gate's runner for the current run's `name` model `factor` slower than it measures now."""
-    from compressor.bench import latency, retime
+    """Make compress gate's runner for the current run's `name` model `factor` slower (runtime.SlowedRunner)."""
+    from compressor.bench import retime
+    from compressor.runtime import SlowedRunner
 
     real = retime.make_runner
     row = next(m for m in json.loads((run / "report.json").read_text())["models"] if m["name"] == name)
@@ -85,12 +60,7 @@ def _slow_current(monkeypatch, run, name: str = INT8, factor: float = 0.30):
 
     def make_runner(path, row_, threads):
         r = real(path, row_, threads)
-        if path.resolve() != target:
-            return r
-        x = retime._load_sample(run / retime.SAMPLE)
-        with r:
-            p50 = latency.measure(lambda: r.infer(x), warmup_ms=20, min_runs=200, min_duration_s=0.2)["min"]
-        return _Slower(r, factor * p50 / 1000.0)
+        return SlowedRunner(r, factor) if path.resolve() == target else r
     monkeypatch.setattr(retime, "make_runner", make_runner)
 
 
@@ -119,12 +89,12 @@ def test_the_bundle_holds_the_files_that_retime_without_code(runs):
 
 
 def test_retiming_passes_identical_models_where_the_ratio_gate_fails(runs, cli):
-    """Baseline benched with 2 threads, current with 1 (and the other way round), the same model files: per-run ratios
-    to the teacher move by more than the threshold, while re-timing both sides here passes."""
+    """Baseline benched with 2 threads at batch 16, current with 1 thread at batch 1 (and the other way round), the same
+    model files: per-run ratios to the teacher move by more than the threshold, while re-timing both sides here passes."""
     run, b1, b2 = runs
     rep1, rep2 = (json.loads((b / "report.json").read_text()) for b in (b1, b2))
     moved = _ratio_gate_fails(rep1, rep2) + _ratio_gate_fails(rep2, rep1)
-    assert moved, "threads 1 vs 2 should move the students' latency ratios to the teacher by more than 10%"
+    assert moved, "these settings should move the students' latency ratios to the teacher by more than 10%"
     for cur, base in ((run, b2), (b2, b1)):  # a bundle can be the current side too
         res = api.gate(cur, base, QUICK)
         assert res.passed, [(c.model, c.detail) for c in res.failed]

@@ -54,7 +54,7 @@ def timing_file(row: dict) -> str | None:
     return None  # a PyTorch student or baseline saved as a state dict: its code is not run here
 
 
-def _load_sample(path: Path) -> np.ndarray:
+def load_sample(path: Path) -> np.ndarray:
     try:
         if path.stat().st_size > SAMPLE_MAX_BYTES:
             raise CompressError(f"{path} is larger than {SAMPLE_MAX_BYTES >> 20} MB; a latency sample is one batch")
@@ -84,12 +84,12 @@ def open_side(path: str | Path, what: str) -> Side:
     if (folder / MARKER).is_file() and rep_path.parent == folder:
         side = Side(rep, rep_path, folder, "bundle", files=_read_marker(folder))
         if SAMPLE in side.files:
-            side.sample = _load_sample(folder / SAMPLE)
+            side.sample = load_sample(folder / SAMPLE)
         return side
     if (folder / "manifest.json").is_file() and rep_path.parent == folder:
         side = Side(rep, rep_path, folder, "run")
         if (folder / SAMPLE).is_file():
-            side.sample = _load_sample(folder / SAMPLE)
+            side.sample = load_sample(folder / SAMPLE)
         return side
     return Side(rep, rep_path)
 

@@ -89,6 +89,36 @@ class OnnxRuntimeRunner(Runner):
         return {**super().describe(), "provider": self.providers[0]}
 
 
+class SlowedRunner(Runner):
+    """Another runner made `factor` slower: after each call it busy-waits factor times that call's own duration, so the
+    slowdown scales with the model's cost as more work of the same kind would. A stand-in for a regressed model, to
+    check that a gate catches a slowdown of known size (tests, benchmarks/gate_fpr.py)."""
+
+    def __init__(self, inner: Runner, factor: float):
+        super().__init__(getattr(inner, "threads", 1))
+        self.inner, self.factor = inner, factor
+
+    def activate(self):
+        self.inner.activate()
+        return self
+
+    def deactivate(self):
+        self.inner.deactivate()
+
+    def infer(self, x):
+        import time
+
+        t0 = time.perf_counter()
+        y = self.inner.infer(x)
+        end = time.perf_counter() + self.factor * (time.perf_counter() - t0)
+        while time.perf_counter() < end:
+            pass
+        return y
+
+    def describe(self):
+        return self.inner.describe()
+
+
 # ONNX Runtime execution providers by what the user asks for, best first; CPU always last as the fallback.
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
