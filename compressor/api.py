@@ -75,6 +75,21 @@ def _distill(run: Run, resume: bool) -> tuple[dict, dict]:
     run.check_data_fits_teacher(probe)
     num_classes = probe.shape[1]
 
+    teacher_params = teacher.num_params()
+    # 'teacher:…' students are cut from the teacher; token-id data sizes the built-in student's embedding
+    student_ctx = {"teacher": teacher, "vocab_size": _vocab_size(teacher, ds) if ds.token_ids else None}
+    from .models.outputs import logits_only
+
+    torch.manual_seed(dcfg.seed)
+    student, record = logits_only(*build_student(dcfg.student, ds.input_shape, num_classes, teacher_params, **student_ctx), ds.x[:2], dcfg.output)
+    _check_student_output(student, ds.x[:2], num_classes, dcfg.student)
+    preflight = None
+    if run.config.preflight:  # every check the later stages make that an untrained student can fail: before any step
+        from .export.preflight import preflight as run_preflight
+
+        preflight = run_preflight(student, ds.x[:8], run.target, run.config.export.opset, run.config.quantize.recipe)
+        _say(f"preflight: the student exports ({preflight['exporter']}, opset {preflight['opset']}), matches PyTorch and "
+             f"quantizes ({preflight['recipe']}) in {preflight['seconds']:.1f} s")
     # Function matching and hints need the teacher on every (augmented) batch; otherwise its outputs for the
     # whole pool are computed once, cached in the run directory and memory-mapped by later runs and --resume.
     online = _teacher_online(dcfg)
@@ -89,20 +104,15 @@ def _distill(run: Run, resume: bool) -> tuple[dict, dict]:
     x_val, y_val = ds.x[val], ds.y[val]
     steps = budget_steps(dcfg, len(train_rows))
     ckdir = run.path("checkpoints")
-    teacher_params = teacher.num_params()
 
-    # 'teacher:…' students are cut from the teacher; token-id data sizes the built-in student's embedding
-    student_ctx = {"teacher": teacher, "vocab_size": _vocab_size(teacher, ds) if ds.token_ids else None}
-    torch.manual_seed(dcfg.seed)
-    student, record = build_student(dcfg.student, ds.input_shape, num_classes, teacher_params, **student_ctx)
-    _check_student_output(student, ds.x[:2], num_classes, dcfg.student)
     results, outputs = {}, {}
     scfg = dcfg  # the student's settings; with --search, the best trial's (the baseline keeps dcfg's)
     if dcfg.search > 0:
         from .distill.search import search_for_distill
 
         best, results["search"] = search_for_distill(run, dcfg, teacher, ds, train_rows, x_val, y_val, pool_logits,
-                                                     lambda: build_student(dcfg.student, ds.input_shape, num_classes, teacher_params, **student_ctx)[0],
+                                                     lambda: logits_only(*build_student(dcfg.student, ds.input_shape, num_classes, teacher_params,
+                                                                                        **student_ctx), ds.x[:2], dcfg.output)[0],
                                                      full_steps=steps, resume=resume)
         scfg = dcfg.replace(**best)
         online = _teacher_online(scfg)
@@ -113,7 +123,7 @@ def _distill(run: Run, resume: bool) -> tuple[dict, dict]:
         jobs.append(("baseline", "labels", np.intersect1d(train_rows, labeled), None))
     for name, loss, rows, tlogits in jobs:
         torch.manual_seed(dcfg.seed)
-        module, _ = build_student(dcfg.student, ds.input_shape, num_classes, teacher_params, **student_ctx)
+        module, _ = logits_only(*build_student(dcfg.student, ds.input_shape, num_classes, teacher_params, **student_ctx), ds.x[:2], dcfg.output)
         kw = {}
         if online and name == "student":
             kw = _online_teacher(teacher, module, ds.x[:2], scfg)
@@ -132,7 +142,7 @@ def _distill(run: Run, resume: bool) -> tuple[dict, dict]:
     results["teacher_pass_seconds"] = round(teacher_seconds or 0.0, 3)
     results["teacher_pass"] = "online" if online else "cached" if teacher_seconds is None else "computed"
     results["teacher_online"] = online
-    results.update(student_record=record, num_classes=num_classes, val_rows=int(len(val)), params=int(sum(p.numel() for p in student.parameters())),
+    results.update(student_record=record, num_classes=num_classes, preflight=preflight, val_rows=int(len(val)), params=int(sum(p.numel() for p in student.parameters())),
                    teacher_params=teacher_params, teacher_format=teacher.format, data=ds.summary())
     return outputs, results
 
@@ -232,7 +242,7 @@ def export(run_dir: str | Path, config: ExportConfig | None = None, *, force: bo
     import torch
 
     from ._io import atomic_path
-    from .export.onnx_io import check_graph, export_onnx
+    from .export.onnx_io import EXPORTER_LABELS, check_graph, export_onnx
     from .export.op_support import check_runtime_ops
     from .export.simplify import simplify_onnx
 
@@ -251,8 +261,13 @@ def export(run_dir: str | Path, config: ExportConfig | None = None, *, force: bo
         try:
             # every graph is built under a temporary name and renamed to student.onnx only once all its checks pass
             with atomic_path(out) as tmp:
-                export_onnx(student, x, tmp, opset)  # checker(full_check) + strict shape inference inside
-                checks = [_onnx_check(tmp, ref, x, cfg, "export", f"torch.onnx.export (TorchScript exporter, torch {torch.__version__})", opset, names)]
+                # each exporter in turn (TorchScript-based, then torch.export-based): the first graph that passes the
+                # checker, strict shape inference, a dynamic batch and the numeric check against PyTorch is kept
+                checks = []
+                info = export_onnx(student, x, tmp, opset, verify=lambda path: checks.append(
+                    _onnx_check(path, ref, x, cfg, "export", "torch.onnx.export", opset, names)))
+                opset = info["opset"]
+                checks = [{**checks[-1], "tool": info["tool"], "exporter": info["exporter"], "rejected": info["rejected"]}]
                 simplify = {"requested": cfg.simplify, "applied": False}
                 if cfg.simplify:
                     simp = tmp.with_name(tmp.name + ".simplified.tmp")
@@ -273,11 +288,15 @@ def export(run_dir: str | Path, config: ExportConfig | None = None, *, force: bo
     final = dict(checks[-1])
     # "check" is the shipped graph's (what the report shows); "checks" has one entry per transformation
     check = {k: final[k] for k in ("max_abs_diff", "agreement", "rows", "atol", "min_agreement")}
-    check.update(opset=opset, transformation=final["transformation"])
+    check.update(opset=opset, transformation=final["transformation"], exporter=info["exporter"], exporter_tool=info["tool"],
+                 exporters_rejected=info["rejected"])
     run.finish("export", {"onnx_fp32": "student.onnx"},
                {"opset": opset, "check": check, "checks": checks, "simplify": simplify, "runtime_ops": runtime})
     shape = f", {checks[0]['nodes']} -> {final['nodes']} nodes ({simplify['tool']})" if simplify["applied"] else ""
-    _say(f"export: student.onnx (opset {opset}{shape}), max abs diff {check['max_abs_diff']:.2e}, agreement {check['agreement']:.4f}")
+    _say(f"export: student.onnx (opset {opset}{shape}, {EXPORTER_LABELS[info['exporter']]}), max abs diff {check['max_abs_diff']:.2e}, "
+         f"agreement {check['agreement']:.4f}")
+    for r in info["rejected"]:
+        _say(f"export: the {EXPORTER_LABELS[r['exporter']]} was not used: {r['reason']}")
     return run
 
 

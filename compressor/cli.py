@@ -103,6 +103,8 @@ def pipeline_options(fn):
         click.option("--data", "data", default="mnist1d", show_default=True, help="Training data: an .npz (x, y, optional x_test/y_test), an image folder, or 'mnist1d'."),
         click.option("--eval-data", type=str, help="Held-out image folder (default: a sibling test/ or val/ of a train/ folder, else a stratified split)."),
         click.option("--student", type=str, help="file.py:factory or package.module:factory returning an nn.Module, or teacher:every-other (the teacher with blocks 0, 2, 4, ... of its main stack, weights copied; needs a state-dict or --trust teacher). Default: a built-in student sized to a tenth of the teacher."),
+        click.option("--output", "output_key", type=str, help="For a student returning a tuple or dict: the index or key of its class scores (default: the first entry)."),
+        click.option("--skip-preflight", is_flag=True, help="Do not export and quantize the untrained student before training (the preflight takes seconds and fails early on a student that cannot ship)."),
         click.option("--out", type=click.Path(path_type=Path), help="Run directory for every artifact and the report. Default: runs/<timestamp>."),
         click.option("--image-size", type=str, help="HxW for image folders, e.g. 32x32 (default: the teacher's input, else the first image's)."),
         click.option("--channels", type=click.IntRange(1, 3), help="1 (grayscale) or 3 (RGB) for image folders."),
@@ -146,7 +148,7 @@ def _config_from(kw: dict) -> CompressConfig:
         raise click.UsageError("give either --teacher or --teacher-cmd, not both")
     teacher = f"cmd:{kw['teacher_cmd']}" if kw["teacher_cmd"] else kw["teacher"]  # a command teacher is stored as 'cmd:…'
     baseline = kw["baseline"] if kw["baseline"] is not None else teacher is None
-    distill = DistillConfig().replace(student=kw["student"], epochs=kw["epochs"], steps=kw["steps"], batch_size=kw["batch_size"], lr=kw["lr"],
+    distill = DistillConfig().replace(student=kw["student"], output=kw["output_key"], epochs=kw["epochs"], steps=kw["steps"], batch_size=kw["batch_size"], lr=kw["lr"],
                                       temperature=kw["temperature"], alpha=kw["alpha"], baseline=baseline, device=kw["device"], seed=kw["seed"])
     distill = distill.replace(augment=kw["augment"], mixup=kw["mixup"], cutmix=kw["cutmix"], hint=kw["hint"], hint_weight=kw["hint_weight"],
                               nproc_per_node=kw["nproc_per_node"], amp_dtype=kw["amp_dtype"], compile=kw["compile_"])
@@ -160,7 +162,7 @@ def _config_from(kw: dict) -> CompressConfig:
     export = ExportConfig().replace(simplify=kw["simplify"])
     quantize = QuantizeConfig().replace(int8_tolerance=kw["int8_tolerance"])
     return CompressConfig(teacher=teacher, teacher_arch=kw["teacher_arch"], trust=kw["trust"], target=kw["target"], data=data, distill=distill,
-                          export=export, quantize=quantize)
+                          export=export, quantize=quantize, preflight=not kw["skip_preflight"])
 
 
 def _check_target(name: str) -> None:

@@ -67,6 +67,7 @@ class DistillConfig(_Config):
     """How the student is trained from the teacher (and the labels-only baseline, if asked)."""
 
     student: str | None = None  # "file.py:factory" | "pkg.mod:factory" | None for the default student
+    output: str | None = None  # a student returning a tuple or dict: the key or index of its class scores (None: the first)
     loss: str = "dist"  # a registered loss: dist | kd | dkd | labels …; dist won every mnist1d case in benchmarks/results/distill.md
     temperature: float = 4.0  # chosen in benchmarks/results/kd_sweep.md
     alpha: float = 0.5  # weight of the soft-target term on labeled rows; unlabeled rows use it alone
@@ -174,6 +175,7 @@ class CompressConfig(_Config):
     teacher: str | None = None  # None: the built-in demo teacher (with data "mnist1d")
     teacher_arch: str | None = None
     trust: bool = False
+    preflight: bool = True  # export and quantize the untrained student before any training step (--skip-preflight)
     target: str = "jetson"
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

@@ -189,9 +189,12 @@ def test_op_without_an_onnx_export_names_the_op_the_module_and_an_alternative(tm
 
 def test_op_without_a_symbolic_at_this_opset_suggests_the_opset_that_has_it(tmp_path):
     with pytest.raises(CompressError) as e:
-        export_onnx(_WithFold(), np.zeros((2, 8), np.float32), tmp_path / "m.onnx", 17)
+        export_onnx(_WithFold(), np.zeros((2, 8), np.float32), tmp_path / "m.onnx", 17, exporters=("torchscript",))
     assert "aten::col2im" in e.value.message and "in module 'fold' (Fold)" in e.value.message
     assert "--opset 18" in e.value.hint
+    # the exporter chain: the torch.export-based exporter (opset 18) takes over and says why the first was not used
+    info = export_onnx(_WithFold(), np.zeros((2, 8), np.float32), tmp_path / "chain.onnx", 17)
+    assert info["exporter"] == "dynamo" and info["opset"] == 18 and "col2im" in info["rejected"][0]["reason"]
     # and the suggestion is right: at opset 18 it exports and agrees with PyTorch
     m = _WithFold().eval()
     x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)

@@ -65,6 +65,13 @@ def build_report(run, models: list[dict]) -> dict:
         notes.append(f"INT8 kept {len(quant['kept_float'])} node(s) in float to stay within {quant['int8_tolerance']:g} point(s) of FP32: "
                      + ", ".join(f"{k['node']} ({k['op']})" for k in quant["kept_float"])
                      + (f"; they cost {cost:+.3f} ms p50 against the fully quantized model (batch 1, 1 thread)" if cost is not None else "") + ".")
+    export_check = stages["export"]["result"]["check"]
+    if export_check.get("exporters_rejected"):  # the first exporter in the chain failed: say which made the graph and why
+        from ..export.onnx_io import EXPORTER_LABELS
+
+        why = "; ".join(f"the {EXPORTER_LABELS.get(r['exporter'], r['exporter'])} was not used: {r['reason']}" for r in export_check["exporters_rejected"])
+        notes.append(f"The ONNX graph was made by the {EXPORTER_LABELS.get(export_check.get('exporter'), export_check.get('exporter'))} "
+                     f"(opset {export_check.get('opset')}); {why}.")
     if int8 and int8.get("accuracy_note"):
         notes.append(f"INT8 accuracy and agreement of the TensorRT graph were computed with its Q/DQ arithmetic emulated as TensorRT "
                      "computes it (ONNX Runtime with Q/DQ fusion off), not with this CPU's integer kernels; its latency here is ONNX Runtime's.")

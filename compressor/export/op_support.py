@@ -17,6 +17,9 @@ _ALTERNATIVES = {
     "unique": "a fixed-size torch.topk", "unique_dim": "a fixed-size torch.topk", "bincount": "one_hot(...).sum(0)",
     "histc": "comparisons and sum", "searchsorted": "comparisons and sum", "stft": "a Conv1d with fixed DFT weights",
     "fft_fft": "a matmul with fixed DFT weights", "fft_rfft": "a matmul with fixed DFT weights",
+    "adaptive_max_pool2d": "an output size that divides the input (e.g. AdaptiveMaxPool2d(1), or MaxPool2d with a fixed kernel)",
+    "adaptive_max_pool1d": "an output size that divides the input (e.g. AdaptiveMaxPool1d(1), or MaxPool1d with a fixed kernel)",
+    "adaptive_avg_pool2d": "an output size that divides the input (e.g. AdaptiveAvgPool2d(1))",
 }
 
 
@@ -25,8 +28,11 @@ def export_failure(exc: Exception, module, sample, opset: int) -> CompressError:
     """A CompressError for a failed torch.onnx.export: the aten op, the student module that runs it, what to do."""
     text = str(exc).strip()
     first = text.splitlines()[0][:300] if text else type(exc).__name__
-    m = re.search(r"operator '(?:aten::)?([\w.]+)'", text) or re.search(r"aten::([\w.]+)", text)
-    op = m.group(1) if m else None
+    m = (re.search(r"operator '(?:aten::)?([\w.]+)'", text) or re.search(r"aten::([\w.]+)", text)
+         or re.search(r"ONNX export of operator (\w+)", text) or re.search(r"\baten\.(\w+)", text))
+    op = m.group(1).split(".")[0] if m else None
+    if op and op not in first:  # the torch.export-based exporter leads with boilerplate: show the line that names the op
+        first = next((ln.strip()[:300] for ln in text.splitlines() if op in ln), first)
     where = locate_op(module, sample, op) if op else None
     message = f"the student cannot be exported to ONNX (opset {opset}): {first}" + (f" [in module {where}]" if where else "")
     added = re.search(r"added in (?:opset )?version (\d+)", text)

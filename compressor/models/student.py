@@ -152,6 +152,10 @@ def load_student(record: dict, input_shape: tuple | None = None, num_classes: in
         module = call_factory(fn, spec, "--student", num_classes=num_classes, input_shape=input_shape)
     if not isinstance(module, nn.Module):
         raise CompressError(f"--student '{spec}' returned {type(module).__name__}, not a torch.nn.Module")
+    if "output" in record:  # a student returning a tuple or dict: its class scores only (models/outputs.py)
+        from .outputs import select_output
+
+        module = select_output(module, record["output"])
     return module
 
 
