@@ -7,7 +7,7 @@ written as a baseline bundle. The run is then gated against its own bundle K tim
 models: every latency failure is a false positive), once on an idle machine and once with a CPU-heavy process on the
 other core. For power, the current INT8 student is made 12%, 20% and 30% slower (runtime.SlowedRunner: after each
 call it spins for that fraction of the call's own time) and gated again, idle and under load. The gate's defaults are used
-(7 rounds of 0.2 s, slowdown over 10% and one-sided Mann-Whitney p < 0.05). The same run benched with 1 and with 2
+(7 rounds of 0.2 s, slowdown over 10% and one-sided Wilcoxon signed-rank p < 0.05 on the paired rounds). The same run benched with 1 and with 2
 threads also shows what the old rule (each model's latency as a ratio to the teacher inside each report) made of
 identical models whose relative speeds shift.
 """
@@ -123,7 +123,7 @@ def main() -> None:
              f"`python benchmarks/gate_fpr.py` on {h['cpu']} ({h['cpu_count']} cores; {', '.join(h.get('cpu_features') or []) or 'no AVX2/VNNI flags'}), "
              f"{res['date']}, {res['seconds']:.0f} s. One run of the built-in example (target cpu, 300 steps) gated against its own baseline "
              f"bundle with the defaults ({cfg.rounds} interleaved rounds of {cfg.round_duration_s:g} s per model; a failure needs a slowdown "
-             f"over {100 * cfg.max_latency_regression:g}% and Mann-Whitney p < {cfg.alpha:g}). 'Under load': a CPU-bound Python process on the other core.", "",
+             f"over {100 * cfg.max_latency_regression:g}% and a one-sided Wilcoxon signed-rank p < {cfg.alpha:g} on the paired rounds). 'Under load': a CPU-bound Python process on the other core.", "",
              "| machine | gates (identical models) | latency checks | false positives | largest |effect| | INT8 made 12% / 20% / 30% slower: caught in |",
              "|---|---|---|---|---|---|"]
     for load, r in res["modes"].items():

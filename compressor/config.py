@@ -144,8 +144,8 @@ class GateConfig(_Config):
     max_latency_regression: float = 0.10  # fraction a latency (best round, re-timed here) may grow
     max_size_growth: float = 0.10  # fraction a file may grow
     absolute_latency: bool = False  # compare the reports' p50s instead of re-timing (same host only)
-    alpha: float = 0.05  # significance of the one-sided Mann-Whitney U test on the rounds
-    rounds: int = 7  # re-timing: interleaved rounds per model and side (7 vs 7 rounds: smallest p = 0.0003)
+    alpha: float = 0.05  # significance of the one-sided test on the rounds (Wilcoxon signed-rank re-timed; Mann-Whitney U from reports)
+    rounds: int = 7  # re-timing: interleaved rounds per model and side (7 paired rounds: smallest one-sided p = 1/128)
     round_duration_s: float = 0.2  # re-timing: seconds each model is timed in each round
     models: list[str] | None = None  # gate only these (names or role/format/precision); default every baseline model
     floors: list[dict] | None = None  # [{"model": "student onnx int8", "metric": "accuracy", "min": 0.93}]

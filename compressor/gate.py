@@ -2,8 +2,9 @@
 
 Accuracy, agreement, size and floors come from the two reports. Latency is re-timed: when both sides have their model
 files (a run directory, or a baseline bundle written by `--update-baseline`), the baseline's models and the current
-ones are timed here, interleaved in rounds, in one process, and a regression needs both a one-sided Mann-Whitney U test
-at `alpha` on the rounds and a best-round slowdown above the threshold (asv's rule). Milliseconds from two reports are
+ones are timed here, interleaved in rounds, in one process, and a regression needs both a one-sided test at `alpha`
+(Wilcoxon signed-rank on the rounds, which are paired: both sides timed in the same round) and a slowdown above the
+threshold (asv's rule). Milliseconds from two reports are
 compared only when both come from the same host (fingerprint); across hosts such a check is a visible skip, "not
 comparable", never a pass and never a fail. Any value the gate cannot trust (NaN, infinity, a zero latency, a bad
 config) is an input error (exit 2), so a broken report can neither pass nor look like a regression.
@@ -74,7 +75,7 @@ def check_gate_config(cfg: GateConfig, where: str = "gate config") -> GateConfig
     _number(cfg.max_latency_regression, f"{where}: max_latency_regression", 0)
     _number(cfg.max_size_growth, f"{where}: max_size_growth", 0)
     _number(cfg.alpha, f"{where}: alpha", 1e-9, 0.5)
-    _number(cfg.rounds, f"{where}: rounds", 3, 1000, integer=True)
+    _number(cfg.rounds, f"{where}: rounds", 5, 1000, integer=True)  # 5 paired rounds: smallest one-sided p 1/32
     _number(cfg.round_duration_s, f"{where}: round_duration_s", 0.001, 60)
     if not isinstance(cfg.absolute_latency, bool):
         raise CompressError(f"{where}: absolute_latency must be true or false, not {cfg.absolute_latency!r}")
@@ -199,7 +200,8 @@ def matches(current: dict, baseline: dict, cfg: GateConfig) -> list[tuple[dict, 
 
 def _host_label(rep: dict) -> str:
     h = rep["host"]
-    return f"{h.get('cpu')} ({h.get('cpu_count')} cores{', ' + h['gpu'] if h.get('gpu') else ''})"
+    feats = "/".join(f for f in (h.get("cpu_features") or []) if f in ("avx2", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp"))
+    return f"{h.get('cpu')} ({h.get('cpu_count')} cores{', ' + feats if feats else ''}{', ' + h['gpu'] if h.get('gpu') else ''})"
 
 
 def host_difference(current: dict, baseline: dict) -> str | None:
@@ -213,6 +215,18 @@ def host_difference(current: dict, baseline: dict) -> str | None:
 def _samples(m: dict) -> list[float] | None:
     s = m["latency_ms"].get("samples_p50")
     return list(s) if s and len(s) >= 2 else None
+
+
+def wilcoxon_greater(current: list[float], baseline: list[float]) -> float:
+    """One-sided p-value that current is slower than baseline round by round (scipy's Wilcoxon signed-rank test on the
+    log ratios of rounds measured side by side: paired, so load that moves a whole round cancels)."""
+    import numpy as np
+    from scipy.stats import wilcoxon
+
+    d = np.log(np.asarray(current, float) / np.asarray(baseline, float))
+    if not np.any(d):
+        return 1.0
+    return float(wilcoxon(d, alternative="greater").pvalue)
 
 
 def mann_whitney_greater(current: list[float], baseline: list[float]) -> float:
@@ -270,15 +284,17 @@ def gate(current: dict, baseline: dict, cfg: GateConfig, timed: dict | None = No
 
 
 def _decide(name: str, bs: list[float] | None, cs: list[float] | None, bv: float, cv: float, cfg: GateConfig, how: str,
-            effect: float | None = None) -> Check:
-    """Rounds on both sides: a regression needs Mann-Whitney p < alpha and a slowdown (effect, default cv/bv - 1) over
-    the threshold. Otherwise the threshold alone decides on the two values."""
+            effect: float | None = None, paired: bool = False) -> Check:
+    """Rounds on both sides: a regression needs p < alpha (Wilcoxon signed-rank on rounds timed side by side, paired;
+    Mann-Whitney U on rounds from two reports) and a slowdown (effect, default cv/bv - 1) over the threshold.
+    Otherwise the threshold alone decides on the two values."""
     effect = cv / bv - 1.0 if effect is None else effect
     limit = f"slowdown ≤ {100 * cfg.max_latency_regression:g}%"
     if bs and cs:
-        p = mann_whitney_greater(cs, bs)
+        test = "Wilcoxon" if paired else "Mann-Whitney"
+        p = wilcoxon_greater(cs, bs) if paired else mann_whitney_greater(cs, bs)
         bad = p < cfg.alpha and effect > cfg.max_latency_regression
-        return Check(name, "latency", FAIL if bad else PASS, f"{bv:.4f} ms", f"{cv:.4f} ms", f"{limit}, Mann-Whitney p < {cfg.alpha:g}",
+        return Check(name, "latency", FAIL if bad else PASS, f"{bv:.4f} ms", f"{cv:.4f} ms", f"{limit}, {test} p < {cfg.alpha:g}",
                      f"{100 * effect:+.1f}%, p = {p:.3g} ({len(bs)} vs {len(cs)} rounds, {how})")
     return Check(name, "latency", FAIL if effect > cfg.max_latency_regression else PASS, f"{bv:.4f} ms", f"{cv:.4f} ms", limit,
                  f"{100 * effect:+.1f}% ({how})")
@@ -293,7 +309,7 @@ def _latency_check(name, b, c, cfg, timed, differ, why_not, current, baseline) -
         # slows both sides and moves no ratio)
         ratio = float(statistics.median(c / b for b, c in zip(bs, cs)))
         return _decide(name, bs, cs, float(statistics.median(bs)), float(statistics.median(cs)), cfg, "re-timed here, interleaved",
-                       effect=ratio - 1.0), "re-timed here"
+                       effect=ratio - 1.0, paired=True), "re-timed here"
     if b.get("latency_measured_on", "host") != "host" or c.get("latency_measured_on", "host") != "host":
         if differ is None and b.get("device") == c.get("device"):
             pass  # same host and same device: the device's milliseconds compare like the host's

@@ -178,7 +178,12 @@ def test_same_host_reports_compare_milliseconds_and_other_hosts_are_not_comparab
     res = gate(other, BASE, GateConfig())
     lat = [c for c in res.checks if c.check == "latency"]
     assert lat and all(c.status == "skip" for c in lat)
-    assert all("not comparable: measured on AMD EPYC (2 cores), now on Intel Xeon (2 cores)" in c.detail for c in lat)
+    assert all("not comparable: measured on AMD EPYC (2 cores, avx2/avx512_vnni), now on Intel Xeon (2 cores, avx2/avx512_vnni)" in c.detail
+               for c in lat)
+    zen3 = copy.deepcopy(BASE)  # the same CPU name on a machine without AVX-512 VNNI: another host, too
+    zen3["host"]["cpu_features"] = ["avx2"]
+    lat = [c for c in gate(zen3, BASE, GateConfig()).checks if c.check == "latency"]
+    assert all(c.status == "skip" and "now on AMD EPYC (2 cores, avx2)" in c.detail for c in lat), lat
     assert "not comparable" in (tmp / "g.md").read_text() and "not comparable" in res.summary()
     code, _, err = cli("gate", tmp / "other.json", "--baseline", base, "--absolute-latency")
     assert code == 2 and "same host" in err

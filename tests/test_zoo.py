@@ -68,3 +68,27 @@ def test_zoo_students_that_cannot_ship_say_why(name, tmp_path):
     text = str(e.value)
     assert all(w in text for w in EXPECTED_FAILURES[name]), text
     assert not (tmp_path / "m.onnx").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("name", SHIPPABLE)
+def test_zoo_student_takes_the_accuracy_aware_search(name, tmp_path):
+    """The accuracy-aware path (rank quantized nodes by added error, keep the worst in float, requantize) runs on every
+    zoo graph, whichever exporter made it and whatever its node names: with a tolerance of 0 points it must keep a node."""
+    from compressor.config import QuantizeConfig
+    from compressor.export.tolerance import Validation, evaluate, keep_sensitive_in_float
+
+    m, _ = build(name)
+    x = make_input(name, 64)
+    ref = _logits(m, x)
+    fp32, pre = tmp_path / "m.onnx", tmp_path / "pre.onnx"
+    export_onnx(m, x, fp32, 17)
+    preprocess(fp32, pre)
+    recipe = "tensorrt"
+    q = tmp_path / "q.onnx"
+    quantize_with(get_recipe(recipe), fp32, pre, q, x)
+    val = Validation(x, None, ref)
+    base = {"recipe": recipe, **evaluate(q, val, 1.0, recipe), "fallback": None, "path": q, "kept_float": []}
+    found = keep_sensitive_in_float(fp32, pre, base, x, val, QuantizeConfig(int8_tolerance=0.0, max_float_nodes=1), tmp_path, say=lambda *_: None)
+    rounds = found["search"]["rounds"]
+    assert len(rounds) == 1 and rounds[0]["kept_float"], found["search"]  # a node was ranked, kept in float and requantized
+    assert check_tensorrt_qdq(tmp_path / f"{recipe}-float1.onnx", float_nodes={rounds[0]["kept_float"]}) == []

@@ -68,5 +68,6 @@ def host_fingerprint(rep: dict) -> dict:
     """What must match for two reports' milliseconds to be comparable: CPU model and count, GPU, threads, runtimes."""
     h = rep["host"]
     threads = sorted({m.get("threads") for m in rep["models"] if m.get("threads") is not None})
-    return {"cpu": h.get("cpu"), "cpu_count": h.get("cpu_count"), "gpu": h.get("gpu"), "threads": threads,
+    # the features too: a virtual machine may name both an AVX2-only and an AVX-512 VNNI CPU just "AMD EPYC"
+    return {"cpu": h.get("cpu"), "cpu_features": sorted(h.get("cpu_features") or []), "cpu_count": h.get("cpu_count"), "gpu": h.get("gpu"), "threads": threads,
             "onnxruntime": h.get("versions", {}).get("onnxruntime"), "torch": h.get("versions", {}).get("torch")}
