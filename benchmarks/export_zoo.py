@@ -45,19 +45,24 @@ def main() -> None:
             y = m(torch.from_numpy(x))
         ref = (y[0] if isinstance(y, tuple) else next(iter(y.values())) if isinstance(y, dict) else y).numpy()
         row = {"model": name, "params": int(sum(p.numel() for p in m.parameters()))}
+
+        def verify(path, ref=ref, x=x):  # the export stage's numeric check, at a batch the export did not see
+            got = compare(ref, run_session(make_session(path), x))
+            if got["max_abs_diff"] > 1e-4:
+                raise CompressError(f"max abs diff {got['max_abs_diff']:.1e} against PyTorch")
         with tempfile.TemporaryDirectory() as d:
             d = Path(d)
             for ex in EXPORTERS:  # each exporter alone: its own success and time
                 t0 = time.perf_counter()
                 try:
-                    export_onnx(m, x, d / f"{ex}.onnx", 17, exporters=(ex,))
+                    export_onnx(m, x, d / f"{ex}.onnx", 17, exporters=(ex,), verify=verify)
                     row[f"{ex}_s"] = round(time.perf_counter() - t0, 2)
                 except CompressError as exc:
                     row[f"{ex}_s"] = None
                     row[f"{ex}_error"] = exc.message[:160]
             fp32 = d / "m.onnx"
             try:
-                info = export_onnx(m, x, fp32, 17)
+                info = export_onnx(m, x, fp32, 17, verify=verify)
             except CompressError as exc:
                 row["error"] = str(exc)[:300]
                 rows.append(row)
