@@ -84,7 +84,9 @@ def _distill(run: Run, resume: bool) -> tuple[dict, dict]:
     student, record = logits_only(*build_student(dcfg.student, ds.input_shape, num_classes, teacher_params, **student_ctx), ds.x[:2], dcfg.output)
     _check_student_output(student, ds.x[:2], num_classes, dcfg.student)
     preflight = None
-    if run.config.preflight:  # every check the later stages make that an untrained student can fail: before any step
+    from ._io import is_writer
+
+    if run.config.preflight and is_writer():  # every check later stages make that an untrained student can fail (rank 0 only)
         from .export.preflight import preflight as run_preflight
 
         preflight = run_preflight(student, ds.x[:8], run.target, run.config.export.opset, run.config.quantize.recipe)

@@ -381,6 +381,12 @@ def test_student_with_an_op_onnx_cannot_export_is_exit_3_naming_the_op(cli, tiny
     out = tmp_path / "run"
     code, _, err = cli("-q", "distill", "--teacher", tiny.torchscript, "--data", tiny.npz, "--student", f"{f}:build",
                        "--target", "cpu", "--steps", 5, "--no-baseline", "--out", out)
+    assert code == 3, err  # the preflight finds it before any training step
+    line = one_error_line(err)
+    assert line.startswith("error: preflight:") and "kthvalue" in line and "nothing was trained" in line and "torch.topk" in line
+    assert not (out / "student.pt").exists()
+    code, _, err = cli("-q", "distill", "--teacher", tiny.torchscript, "--data", tiny.npz, "--student", f"{f}:build",
+                       "--target", "cpu", "--steps", 5, "--no-baseline", "--out", out, "--skip-preflight")
     assert code == 0, err
     code, _, err = cli("-q", "export", out)
     assert code == 3, err

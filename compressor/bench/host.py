@@ -7,7 +7,7 @@ from importlib import metadata
 
 
 def _cpu() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags = "", set()
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
@@ -19,6 +19,8 @@ def _cpu() -> tuple[str, set[str]]:
                     flags = set(val.split())
     except OSError:
         pass
+    if not model:  # no /proc/cpuinfo (macOS, Windows); platform.processor() runs `uname -p` on some systems, so only here
+        model = platform.processor() or platform.machine()
     return model, flags
 
 

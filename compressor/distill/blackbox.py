@@ -281,6 +281,21 @@ def distill_blackbox(run, resume: bool) -> tuple[dict, dict]:
     if getattr(ds, "token_ids", False) and hasattr(api, "_vocab_size"):
         student_ctx["vocab_size"] = api._vocab_size(teacher, ds)
 
+    from ..models.outputs import logits_only
+
+    def make_student(n_classes: int):
+        return logits_only(*build_student(dcfg.student, ds.input_shape, n_classes, teacher_params, **student_ctx), ds.x[:2], dcfg.output)
+
+    preflight = None
+    from .._io import is_writer
+
+    if run.config.preflight and is_writer():  # before the first query (a paid teacher's rows cost money): the data's classes stand in
+        from ..export.preflight import preflight as run_preflight
+
+        preflight = run_preflight(make_student(ds.num_classes)[0], ds.x[:8], run.target, run.config.export.opset, run.config.quantize.recipe)
+        _say(f"preflight: the student exports ({preflight['exporter']}, opset {preflight['opset']}), matches PyTorch and "
+             f"quantizes ({preflight['recipe']}) in {preflight['seconds']:.1f} s")
+
     cache_path = run.path("cache/teacher_queries.npz")
     key = run.fingerprint("distill")
     cache = _load_cache(cache_path, key)
@@ -315,7 +330,7 @@ def distill_blackbox(run, resume: bool) -> tuple[dict, dict]:
 
     def train(name: str, rows, tlogits, loss_name: str, steps: int, ckpt: str):
         torch.manual_seed(dcfg.seed)
-        module, _ = build_student(dcfg.student, ds.input_shape, num_classes, teacher_params, **student_ctx)
+        module, _ = make_student(num_classes)
         _say(f"distill: training {name} ({loss_name}) for {steps} steps on {len(rows)} rows")
         return train_student(module, ds.x[rows], ds.y[rows], tlogits, x_val, y_val, dcfg, steps=steps,
                              checkpoint=ckdir / ckpt, label=name, resume=resume, loss_name=loss_name)
@@ -360,7 +375,7 @@ def distill_blackbox(run, resume: bool) -> tuple[dict, dict]:
     rows, tl = training_set()
     steps = budget_steps(dcfg, len(rows))
     torch.manual_seed(dcfg.seed)
-    student, record = build_student(dcfg.student, ds.input_shape, num_classes, teacher_params, **student_ctx)
+    student, record = make_student(num_classes)
     _check_student_output(student, ds.x[:2], num_classes, dcfg.student)
     outputs, results = {}, {}
     jobs = [("student", loss, rows, tl)]
@@ -381,7 +396,7 @@ def distill_blackbox(run, resume: bool) -> tuple[dict, dict]:
     }
     results["teacher_pass_seconds"] = round(teacher_seconds, 2)
     results["teacher_online"] = False
-    results.update(student_record=record, num_classes=num_classes, val_rows=int(len(val)),
+    results.update(student_record=record, num_classes=num_classes, val_rows=int(len(val)), preflight=preflight,
                    params=int(sum(p.numel() for p in student.parameters())), teacher_params=teacher_params,
                    teacher_format=teacher.format, data=ds.summary())
     _say(f"distill: the teacher answered {total_rows} rows in {total_calls} calls over {len(rounds)} round{'s' if len(rounds) != 1 else ''}")
