@@ -78,7 +78,7 @@ EXPORTER_LABELS = {"torchscript": "TorchScript-based exporter (dynamo=False)", "
 DYNAMO_MIN_OPSET = 18  # the torch.export-based exporter builds opset 18 and cannot convert graphs with ReduceMean down
 
 
-def _export_torchscript(module, x, tmp: Path, opset: int) -> int:
+def _export_torchscript(module, x, tmp: Path, opset: int, optimize: bool = True) -> int:
     import torch
 
     torch.onnx.export(module, (x,), str(tmp), input_names=["input"], output_names=["logits"], opset_version=opset,
@@ -86,7 +86,7 @@ def _export_torchscript(module, x, tmp: Path, opset: int) -> int:
     return opset
 
 
-def _export_dynamo(module, x, tmp: Path, opset: int) -> int:
+def _export_dynamo(module, x, tmp: Path, opset: int, optimize: bool = True) -> int:
     import logging
 
     import torch
@@ -98,7 +98,7 @@ def _export_dynamo(module, x, tmp: Path, opset: int) -> int:
         lg.setLevel(logging.ERROR)
     try:
         torch.onnx.export(module, (x,), str(tmp), input_names=["input"], output_names=["logits"], opset_version=opset, dynamo=True,
-                          external_data=False, verbose=False, dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1 << 16)},))
+                          external_data=False, verbose=False, optimize=optimize, dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1 << 16)},))
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
@@ -106,6 +106,14 @@ def _export_dynamo(module, x, tmp: Path, opset: int) -> int:
 
 
 _EXPORT = {"torchscript": _export_torchscript, "dynamo": _export_dynamo}
+
+
+def _short(reason: str) -> str:
+    """A second exporter's reason without what the first one's message already says."""
+    import re
+
+    reason = re.sub(r"^the student cannot be exported to ONNX \(opset \d+\): ", "", reason)
+    return re.sub(r"<class '[\w.]+\.(\w+)'>", r"\1", reason)
 
 
 def _check_dynamic_batch(path: Path, batch: int) -> None:
@@ -117,12 +125,13 @@ def _check_dynamic_batch(path: Path, batch: int) -> None:
                             "batch size into a constant", hint="reshape with x.flatten(1) or x.view(x.size(0), -1), not a Python int", kind="runtime")
 
 
-def export_onnx(module, sample: np.ndarray, path: Path, opset: int, *, verify=None, exporters=EXPORTERS) -> dict:
+def export_onnx(module, sample: np.ndarray, path: Path, opset: int, *, verify=None, exporters=EXPORTERS, optimize: bool = True) -> dict:
     """Export module to ONNX with a dynamic batch axis, trying each exporter in turn and keeping the first graph that
     passes onnx.checker, strict shape inference, a dynamic batch and verify(path) (the caller's numeric check, which
     raises CompressError); a tuple or dict output is exported as its first entry. Returns {"exporter", "tool",
     "opset", "rejected": [{"exporter", "reason"}]}; when every exporter fails, the first one's error (naming the
-    operation and the student module) says why, with the others' reasons after it."""
+    operation and the student module) says why, with the others' reasons after it. optimize=False skips the
+    torch.export-based exporter's own graph optimiser (about 1-3 s; the preflight only needs to know the graph exists)."""
     import torch
 
     from ..models.outputs import select_output
@@ -140,7 +149,7 @@ def export_onnx(module, sample: np.ndarray, path: Path, opset: int, *, verify=No
                 try:
                     with warnings.catch_warnings(), _stdout_to_log():
                         warnings.simplefilter("ignore")
-                        used = _EXPORT[name](module, x, tmp, opset)
+                        used = _EXPORT[name](module, x, tmp, opset, optimize)
                 except OSError:
                     raise  # a full disk or an unwritable folder: atomic_path says so
                 except CompressError:
@@ -167,7 +176,7 @@ def export_onnx(module, sample: np.ndarray, path: Path, opset: int, *, verify=No
             errors.append(exc)
             rejected.append({"exporter": name, "reason": exc.message})
     first = errors[0]
-    others = "; ".join(f"the {EXPORTER_LABELS[r['exporter']]} also failed: {r['reason']}" for r in rejected[1:])
+    others = "; ".join(f"the {EXPORTER_LABELS[r['exporter']]} also failed: {_short(r['reason'])}" for r in rejected[1:])
     raise CompressError(f"{first.message} [{EXPORTER_LABELS[rejected[0]['exporter']]}]" + (f"; {others}" if others else ""),
                         hint=first.hint, kind=first.kind)
 

@@ -28,6 +28,7 @@ def export_failure(exc: Exception, module, sample, opset: int) -> CompressError:
     """A CompressError for a failed torch.onnx.export: the aten op, the student module that runs it, what to do."""
     text = str(exc).strip()
     first = text.splitlines()[0][:300] if text else type(exc).__name__
+    first = first.split(" Please feel free to request support")[0]  # the TorchScript exporter's boilerplate
     m = (re.search(r"operator '(?:aten::)?([\w.]+)'", text) or re.search(r"aten::([\w.]+)", text)
          or re.search(r"ONNX export of operator (\w+)", text) or re.search(r"\baten\.(\w+)", text))
     op = m.group(1).split(".")[0] if m else None

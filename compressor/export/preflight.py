@@ -49,7 +49,7 @@ def preflight(student, x: np.ndarray, target: dict, opset: int | None = None, re
                     raise CompressError(f"the exported graph differs from PyTorch by {res['max_abs_diff']:.2e} on the untrained student",
                                         hint="an operation exports with different semantics; try another --opset", kind="runtime")
 
-            info = export_onnx(student, x, fp32, opset, verify=verify)
+            info = export_onnx(student, x, fp32, opset, verify=verify, optimize=False)
             runtime = check_runtime_ops(fp32, target, info["opset"], names)
             name = recipe if recipe != "auto" else target["quantization"]["int8_recipe"]
             candidate = auto_candidates(name, fp32, has_vnni())[0]  # the one the CPU prefers; the stage tries the rest
