@@ -408,6 +408,9 @@ def gate_cmd(current, baseline, config_path, max_accuracy_drop, min_agreement, m
         click.echo(_write_baseline(current, baseline, bundle) + " (no baseline yet)")
         return
     parsed = [_parse_floor(f) for f in floors]
+    for what, out in (("--junit", junit), ("--markdown", markdown)):  # before the minutes of timing, and never a device or a link
+        if out is not None and (Path(out).is_symlink() or (Path(out).exists() and not Path(out).is_file())):
+            raise CompressError(f"{what} {out} exists and is not a regular file (a folder, a link or a device)", hint="give a file path")
     cfg = load_gate_config(config_path, extra_floors=parsed, max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement,
                            max_latency_regression=max_latency_regression, max_size_growth=max_size_growth, rounds=rounds,
                            round_duration_s=round_duration_s, absolute_latency=absolute_latency or None)
@@ -453,14 +456,14 @@ def _parse_floor(text: str) -> dict:
 
     m = re.fullmatch(r"\s*(.+?)\s*:\s*(\w+)\s*(>=|<=)\s*([-+0-9.eE]+)\s*", text)
     if not m:
-        raise click.BadParameter(f"'{text}' is not MODEL:METRIC>=VALUE or MODEL:METRIC<=VALUE", param_hint="--floor")
+        raise CompressError(f"--floor '{text}' is not MODEL:METRIC>=VALUE or MODEL:METRIC<=VALUE", hint="e.g. 'student onnx int8:accuracy>=0.93'")
     model, metric, op, value = m.groups()
     try:
         v = float(value)
     except ValueError:
         v = None
     if v is None or v != v or v in (float("inf"), float("-inf")):
-        raise click.BadParameter(f"'{text}': {value} is not a finite number", param_hint="--floor")
+        raise CompressError(f"--floor '{text}': {value} is not a finite number")
     return {"model": model, "metric": metric, ("min" if op == ">=" else "max"): v}
 
 
@@ -542,6 +545,12 @@ def _profile_text(p: dict) -> str:
     return "\n".join(lines)
 
 
+def _resumable() -> bool:
+    """Whether the command line's subcommand takes --resume (gate, targets and report do not)."""
+    args = [a for a in sys.argv[1:] if not a.startswith("-")]
+    return not (args and args[0] in ("gate", "targets", "report", "bundle"))
+
+
 def _resume_command() -> str:
     args = [a for a in sys.argv[1:] if a != "--resume"]
     return "compress " + " ".join(shlex.quote(a) for a in args) + " --resume"
@@ -568,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         # click returns an Exit's code instead of raising it when not standalone (compress gate's exit 1)
         return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
     except click.exceptions.Abort:
-        click.echo(f"interrupted. Resume with: {_resume_command()}", err=True)
+        click.echo(f"interrupted. Resume with: {_resume_command()}" if _resumable() else "interrupted", err=True)
         return EXIT_INTERRUPTED
     except click.ClickException as exc:
         exc.show()
@@ -577,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         _log_trace("interrupted")
-        click.echo(f"\ninterrupted; progress is saved. Resume with: {_resume_command()}", err=True)
+        click.echo(f"\ninterrupted; progress is saved. Resume with: {_resume_command()}" if _resumable() else "\ninterrupted", err=True)
         return EXIT_INTERRUPTED
     except CompressError as exc:
         _log_trace("error")

@@ -92,9 +92,10 @@ def check_gate_config(cfg: GateConfig, where: str = "gate config") -> GateConfig
         unknown = set(f) - {"model", "metric", "min", "max"}
         if unknown:
             raise CompressError(f"gate floor for '{f['model']}' has unknown keys {sorted(unknown)}")
+        lo, hi = {"accuracy": (0, 1), "agreement": (0, 1)}.get(f["metric"], (0, None))
         for k in ("min", "max"):
             if k in f:
-                _number(f[k], f"gate floor {f['model']}:{f['metric']} {k}")
+                _number(f[k], f"gate floor {f['model']}:{f['metric']} {k}", lo, hi)
     return cfg
 
 
@@ -106,22 +107,29 @@ def load_gate_config(path: str | Path | None, extra_floors: list[dict] | None = 
         import tomllib
 
         p = Path(path)
+        if not p.exists():
+            raise CompressError(f"gate config {p} does not exist")
+        if not p.is_file():  # a folder, a FIFO (would hang), /dev/zero (would fill the memory)
+            raise CompressError(f"gate config {p} is not a regular file", hint="pass a gate.toml")
         try:
-            if p.is_file() and p.stat().st_size > CONFIG_MAX_BYTES:
+            if p.stat().st_size > CONFIG_MAX_BYTES:
                 raise CompressError(f"gate config {p} is larger than 1 MB; it holds a few thresholds")
             raw = tomllib.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CompressError(f"gate config {p} does not exist") from None
-        except IsADirectoryError:
-            raise CompressError(f"gate config {p} is a folder, not a TOML file") from None
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
             raise CompressError(f"gate config {p} is not valid TOML: {str(exc)[:200] or type(exc).__name__}") from None
-        raw = raw.get("gate", raw)
-        if not isinstance(raw, dict):
-            raise CompressError(f"gate config {p}: [gate] must be a table")
-        raw = dict(raw)
-        floors = raw.pop("floor", None)
-        data = raw
+        if "gate" in raw:  # a [gate] table: its keys, plus [[floor]] tables at the top level; nothing else outside it
+            if not isinstance(raw["gate"], dict):
+                raise CompressError(f"gate config {p}: [gate] must be a table")
+            outside = sorted(set(raw) - {"gate", "floor"})
+            if outside:
+                raise CompressError(f"gate config {p}: keys {outside} sit outside the [gate] table and would be ignored",
+                                    hint="move them into [gate], or drop the [gate] header")
+            data = dict(raw["gate"])
+            if "floor" in raw:
+                data["floor"] = list(data.get("floor") or []) + list(raw["floor"] if isinstance(raw["floor"], list) else [raw["floor"]])
+        else:
+            data = dict(raw)
+        floors = data.pop("floor", None)
         if floors is not None:
             data["floors"] = floors
     cfg = GateConfig.from_dict(data) if data else GateConfig()
@@ -250,6 +258,11 @@ def gate(current: dict, baseline: dict, cfg: GateConfig, timed: dict | None = No
                             hint="let the gate re-time the baseline here: keep a baseline bundle (--update-baseline into a folder)")
     res = GateResult()
     modes = {"re-timed here": 0, "from the reports (same host)": 0, "not comparable": 0}
+    if cfg.models:
+        unknown = [n for n in cfg.models if _lookup(baseline["models"], n) is None]
+        if unknown:  # a typo here would check nothing and pass
+            raise CompressError(f"models = {unknown} names no model of the baseline",
+                                hint="models: " + ", ".join(x["name"] for x in baseline["models"]))
     for b, c in matches(current, baseline, cfg):
         name = b["name"]
         if c is None:
@@ -265,6 +278,8 @@ def gate(current: dict, baseline: dict, cfg: GateConfig, timed: dict | None = No
             growth = c["size_bytes"] / b["size_bytes"] - 1.0
             res.checks.append(Check(name, "size", PASS if growth <= cfg.max_size_growth else FAIL, f"{b['size_bytes']:,} B",
                                     f"{c['size_bytes']:,} B", f"growth ≤ {100 * cfg.max_size_growth:g}%", f"{100 * growth:+.1f}%"))
+        else:
+            res.checks.append(Check(name, "size", SKIP, "0 B", f"{c['size_bytes']:,} B", detail="the baseline records no file size"))
         chk, mode = _latency_check(name, b, c, cfg, timed.get(name) if not cfg.absolute_latency else None, differ,
                                    not_timed.get(name), current, baseline)
         res.checks.append(chk)
@@ -274,6 +289,9 @@ def gate(current: dict, baseline: dict, cfg: GateConfig, timed: dict | None = No
     for f in cfg.floors or []:
         m = _lookup(current["models"], f["model"])
         if m is None:
+            if _lookup(baseline["models"], f["model"]) is None:  # in neither report: a typo, not a regression
+                raise CompressError(f"the floor names '{f['model']}', which is in neither report",
+                                    hint="models: " + ", ".join(x["name"] for x in baseline["models"]))
             res.checks.append(Check(f["model"], f"floor {f['metric']}", FAIL, "", "missing", "", "no such model in the current report"))
             continue
         v = FLOOR_METRICS[f["metric"]](m)
@@ -327,7 +345,8 @@ def _latency_check(name, b, c, cfg, timed, differ, why_not, current, baseline) -
     bs, cs = _samples(b), _samples(c)
     bv = min(bs) if bs else b["latency_ms"]["p50"]  # best round: bursts of other work only ever add time
     cv = min(cs) if cs else c["latency_ms"]["p50"]
-    return _decide(name, bs, cs, bv, cv, cfg, "same host, from the reports"), "from the reports (same host)"
+    how = "same host, from the reports" + (f"; not re-timed: {why_not}" if why_not else "")
+    return _decide(name, bs, cs, bv, cv, cfg, how), "from the reports (same host)"
 
 
 def compare(current: str | Path, baseline: str | Path, cfg: GateConfig) -> GateResult:

@@ -63,7 +63,8 @@ def test_lost_accuracy_and_doubled_latency_fail_with_exit_1(reports, cli):
                                   "inf-accuracy", "nan-round", "zero-p50", "huge-size", "floor-not-a-number", "floor-inf",
                                   "config-wrong-type", "config-bool-for-number", "config-floor-string", "config-unknown-key",
                                   "config-negative", "config-rounds-float", "deep-json", "oversized-json", "config-folder",
-                                  "absolute-across-hosts"])
+                                  "absolute-across-hosts", "config-fifo", "config-gate-table-floor-outside", "models-typo",
+                                  "floor-unknown-model", "floor-out-of-range", "junit-folder", "markdown-symlink"])
 def test_bad_input_exits_2_with_one_line(reports, cli, case, monkeypatch):
     """Fail closed: every value the gate cannot trust is exit 2 with one line naming it, never a pass, never exit 1."""
     base, tmp = reports
@@ -119,6 +120,26 @@ def test_bad_input_exits_2_with_one_line(reports, cli, case, monkeypatch):
         monkeypatch.setattr(report_mod, "REPORT_MAX_BYTES", 1000)
     elif case == "config-folder":
         args += ["--config", tmp]
+    elif case == "config-fifo":  # would hang forever if read
+        import os
+
+        os.mkfifo(tmp / "fifo")
+        args += ["--config", tmp / "fifo"]
+    elif case == "config-gate-table-floor-outside":  # keys outside [gate] would be silently ignored
+        toml = 'max_accuracy_drop = "garbage"\n[gate]\nrounds = 7'
+    elif case == "models-typo":  # would check nothing and pass
+        toml = 'models = ["studnet onnx int8"]'
+    elif case == "floor-unknown-model":
+        args += ["--floor", "studnet onnx int8:accuracy>=0.5"]
+    elif case == "floor-out-of-range":
+        args += ["--floor", "student onnx int8:accuracy>=1e5"]
+    elif case == "junit-folder":
+        (tmp / "jdir").mkdir()
+        args += ["--junit", tmp / "jdir"]
+    elif case == "markdown-symlink":
+        (tmp / "real.md").write_text("mine")
+        (tmp / "link.md").symlink_to(tmp / "real.md")
+        args += ["--markdown", tmp / "link.md"]
     else:  # --absolute-latency between two hosts
         bad["host"]["cpu"] = "Another CPU"
         args.append("--absolute-latency")
@@ -132,6 +153,8 @@ def test_bad_input_exits_2_with_one_line(reports, cli, case, monkeypatch):
     assert code == 2, (code, out, err)
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert 1 <= len(lines) <= 3 and "internal error" not in err and "gate PASS" not in out
+    if case == "markdown-symlink":
+        assert (tmp / "link.md").is_symlink() and (tmp / "real.md").read_text() == "mine"
     if case in ("nan-p50", "inf-accuracy", "nan-round", "huge-size"):
         assert ("student onnx int8" in err or "models/4/" in err) and ("nan" in err or "inf" in err)  # names the value
 
@@ -313,3 +336,10 @@ def test_the_example_gate_toml_and_the_ci_one_load():
     for path in (root / "examples" / "ci" / "gate.toml", root / "benchmarks" / "baselines" / "ci" / "gate.toml"):
         cfg = load_gate_config(path)
         assert cfg.rounds == 7 and cfg.floors and cfg.floors[0]["model"] == "student onnx int8"
+
+
+def test_floors_under_a_gate_table_are_kept(reports, cli):
+    base, tmp = reports
+    (tmp / "gate.toml").write_text('[gate]\nmax_accuracy_drop = 1.0\n\n[[floor]]\nmodel = "student onnx int8"\nmetric = "accuracy"\nmin = 0.99\n')
+    code, out, _ = cli("gate", base, "--baseline", base, "--config", tmp / "gate.toml")
+    assert code == 1 and "floor accuracy" in out

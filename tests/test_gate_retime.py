@@ -188,3 +188,38 @@ def test_update_baseline_owns_only_its_files(runs, cli, tmp_path):
     shutil.copyfile(run / "report.json", bare)
     code, _, err = cli("gate", bare, "--baseline", tmp_path / "new-bundle", "--update-baseline")
     assert code == 2 and "run directory" in err
+
+
+def test_a_run_folder_never_names_code_or_files_outside_it(runs, tmp_path, monkeypatch):
+    """A report row whose path reads 'cmd:…' (or leaves the run) is a file name at most, and not one the gate opens."""
+    run, b1, _ = runs
+    cur = tmp_path / "run"
+    shutil.copytree(run, cur)
+    rep = json.loads((cur / "report.json").read_text())
+    marker = cur / "PWNED"  # what the command would create, run in the run folder
+    for m in rep["models"]:
+        if m["name"] == "teacher":
+            m["path"] = "cmd:touch PWNED"
+        if m["name"] == "student onnx fp32":
+            m["path"] = "../../../../etc/hostname"
+    (cur / "report.json").write_text(json.dumps(rep))
+    (cur / "cmd:touch PWNED").write_text("junk")
+    monkeypatch.chdir(cur)
+    res = api.gate(".", b1, QUICK)
+    assert not marker.exists()
+    assert "re-timed here" in _latency(res, "teacher").detail  # the manifest's hash-checked teacher file, not the row's path
+    assert "not a file inside the run directory" in _latency(res, "student onnx fp32").detail
+
+
+def test_an_edited_marker_cannot_make_the_update_delete_a_users_file(runs, cli, tmp_path):
+    from compressor._io import sha256_file
+
+    run, b1, _ = runs
+    b = tmp_path / "b"
+    shutil.copytree(b1, b)
+    (b / "gate.toml").write_text("rounds = 7\n")
+    m = json.loads((b / "gate-baseline.json").read_text())
+    m["files"]["gate.toml"] = sha256_file(b / "gate.toml")
+    (b / "gate-baseline.json").write_text(json.dumps(m))
+    code, _, _ = cli("gate", run, "--baseline", b, "--update-baseline", *QUICK_ARGS)
+    assert code == 0 and (b / "gate.toml").read_text() == "rounds = 7\n"

@@ -139,10 +139,34 @@ def resolve(side: Side, row: dict) -> tuple[Path | None, str]:
         if rel not in side.files:
             return None, f"the baseline bundle does not hold {rel}"
         return side.root / rel, ""
-    f = (side.root / rel)
+    if row["role"] == "teacher":  # a run's teacher lives outside it: the file its manifest recorded, if unchanged
+        return _run_teacher(side)
+    f = side.root / rel
+    try:
+        inside = f.resolve().is_relative_to(side.root.resolve())
+    except (OSError, RuntimeError):
+        inside = False
+    if not inside or not _plain_name(f.name):
+        return None, f"{rel} is not a file inside the run directory"
     if not f.is_file():
         return None, f"{f} does not exist"
     return f, ""
+
+
+def _run_teacher(side: Side) -> tuple[Path | None, str]:
+    """The teacher file a run's manifest recorded, when it is still there with the same sha256."""
+    from .._io import sha256_file
+
+    try:
+        rec = json.loads((side.root / "manifest.json").read_text(encoding="utf-8"))["inputs"]["teacher"]
+        path, digest = Path(rec["path"]), rec["sha256"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return None, "the run's manifest records no teacher file"
+    if not isinstance(digest, str) or not path.is_file():
+        return None, f"the run's teacher file {path} is not there"
+    if sha256_file(path) != digest:
+        return None, f"the run's teacher file {path} changed since the run"
+    return path, ""
 
 
 def make_runner(path: Path, row: dict, threads: int):
@@ -155,10 +179,10 @@ def make_runner(path: Path, row: dict, threads: int):
     if kind not in ("onnx", "torchscript", "torch.export"):
         raise CompressError(f"{path} is not an ONNX, TorchScript or torch.export file; the gate re-times only files that load without running code")
     if row["role"] == "teacher":
-        return TeacherRunner(load_teacher(path), threads)
+        return TeacherRunner(load_teacher(path, files_only=True), threads)
     if kind == "onnx":
         return OnnxRuntimeRunner(path, threads, _providers(row))
-    return TorchRunner(load_teacher(path).module, threads)
+    return TorchRunner(load_teacher(path, files_only=True).module, threads)
 
 
 def _providers(row: dict) -> list[str]:
@@ -263,8 +287,10 @@ def plan_pairs(base: Side, cur: Side, matches: list[tuple[dict, dict]]) -> tuple
         if xb is None:
             why[b["name"]] = f"neither side has {SAMPLE} (re-bench the runs with this version)"
             continue
-        threads = int(c.get("threads") or 1)  # both sides run as the current run was benched: its threads, its batch
-        bs = max(1, int(c.get("batch_size") or 1))
+        threads, bs = c.get("threads") or 1, c.get("batch_size") or 1  # both sides run as the current run was benched
+        for what, v in (("threads", threads), ("batch_size", bs)):
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 4096:
+                raise CompressError(f"current report: '{c['name']}' has {what} {v!r}; expected an integer from 1 to 4096")
         try:
             rb_, rc_ = make_runner(fb, b, threads), make_runner(fc, c, threads)
             for r, x in ((rb_, _batch(xb, bs)), (rc_, _batch(xc, bs))):  # one call each now, so a model that cannot run is named here
@@ -285,6 +311,11 @@ def plan_pairs(base: Side, cur: Side, matches: list[tuple[dict, dict]]) -> tuple
 def _batch(x: np.ndarray, n: int) -> np.ndarray:
     """The first n rows of the sample, its rows repeated when it has fewer."""
     return np.ascontiguousarray(x[:n] if len(x) >= n else np.resize(x, (n,) + x.shape[1:]))
+
+
+def _tool_name(name: str) -> bool:
+    """A file name a baseline bundle of this tool writes."""
+    return name in ("report.json", SAMPLE) or bool(re.fullmatch(r"[a-z0-9][a-z0-9.-]*\.(onnx|torchscript\.pt|pt2|pt)", name))
 
 
 def _slug(name: str) -> str:
@@ -349,8 +380,9 @@ def write_bundle(cur: Side, out: Path) -> dict:
         files[name] = sha256_file(out / name)
     write_json(out / "report.json", rep)
     files["report.json"] = sha256_file(out / "report.json")
-    for name in set(old) - set(files):  # the previous bundle's files that this one no longer has: ours, checksum-checked above
-        (out / name).unlink(missing_ok=True)
+    for name in set(old) - set(files):  # the previous bundle's files this one no longer has: checksum-checked, and only
+        if _tool_name(name):            # names the tool writes (a marker edited to list gate.toml deletes nothing)
+            (out / name).unlink(missing_ok=True)
     marker = {"kind": MARKER_KIND, "version": 1, "tool_version": __version__, "created": now(), "source": str(cur.root),
               "host": host_fingerprint(rep), "files": files}
     write_bytes(out / MARKER, (json.dumps(marker, indent=2) + "\n").encode())
