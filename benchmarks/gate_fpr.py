@@ -124,7 +124,7 @@ def main() -> None:
              f"{res['date']}, {res['seconds']:.0f} s. One run of the built-in example (target cpu, 300 steps) gated against its own baseline "
              f"bundle with the defaults ({cfg.rounds} interleaved rounds of {cfg.round_duration_s:g} s per model; a failure needs a slowdown "
              f"over {100 * cfg.max_latency_regression:g}% and a one-sided Wilcoxon signed-rank p < {cfg.alpha:g} on the paired rounds). 'Under load': a CPU-bound Python process on the other core.", "",
-             "| machine | gates (identical models) | latency checks | false positives | largest |effect| | INT8 made 12% / 20% / 30% slower: caught in |",
+             "| machine | gates (identical models) | latency checks | false positives | largest abs. effect | INT8 made 12% / 20% / 30% slower: caught in |",
              "|---|---|---|---|---|---|"]
     for load, r in res["modes"].items():
         caught = " / ".join(f"{100 * v['caught']:.0f}%" for v in r["power"].values())
