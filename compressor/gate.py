@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .bench.host import host_fingerprint
+from .bench.retime import BLACK_BOX
 from .config import GateConfig
 from .errors import CompressError
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
-BLACK_BOX = ("callable", "command")
 CONFIG_MAX_BYTES = 1 << 20
 
 
@@ -41,7 +41,6 @@ class Check:
 class GateResult:
     checks: list[Check] = field(default_factory=list)
     latency_mode: str = "re-timed here"
-    reference: str | None = None  # kept for callers of the old ratio gate; always None now
 
     @property
     def failed(self) -> list[Check]:
