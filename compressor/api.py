@@ -2,6 +2,7 @@
 for the whole pipeline. The CLI only parses arguments and calls these."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -28,6 +29,25 @@ def _open_stage(run_dir, stage: str, config, force: bool) -> tuple[Run, bool]:
     return run, _skip(run, stage, force)
 
 
+def _locked(fn):
+    """Hold the run folder's lock (compressor.ownership.run_lock) for the whole stage: a second writer is refused."""
+    @functools.wraps(fn)
+    def wrapper(run_dir, *args, **kw):
+        from .ownership import run_lock
+
+        with run_lock(run_dir):
+            return fn(run_dir, *args, **kw)
+    return wrapper
+
+
+def _claim(cfg: CompressConfig, out) -> Path:
+    """--out (or a new runs/<timestamp>) as this run's folder: new, empty, or a run folder already; never the data's."""
+    from .ownership import claim_run_dir
+    from .run import default_run_dir
+
+    return claim_run_dir(Path(out) if out else default_run_dir(), (cfg.data.source, cfg.data.eval_source))
+
+
 def _skip(run: Run, stage: str, force: bool) -> bool:
     if not force and run.is_done(stage):
         _say(f"{stage}: already done in {run.dir} (use --force to redo)")
@@ -38,7 +58,15 @@ def _skip(run: Run, stage: str, force: bool) -> bool:
 # ---------------------------------------------------------------------------------------------
 def distill(cfg: CompressConfig, out: str | Path | None = None, *, force: bool = False, resume: bool = False) -> Run:
     """Train the student from the teacher (and the labels-only baseline when cfg.distill.baseline)."""
-    run = Run.create(Path(out) if out else None, cfg)
+    from .ownership import run_lock
+
+    path = _claim(cfg, out)
+    with run_lock(path):
+        return _distill_locked(cfg, path, force, resume)
+
+
+def _distill_locked(cfg: CompressConfig, path: Path, force: bool, resume: bool) -> Run:
+    run = Run.create(path, cfg)
     if _skip(run, "distill", force):
         return run
     prev = run.manifest["stages"].get("distill", {})
@@ -239,6 +267,7 @@ def _check_student_output(student, x: np.ndarray, num_classes: int, spec) -> Non
 
 
 # ---------------------------------------------------------------------------------------------
+@_locked
 def export(run_dir: str | Path, config: ExportConfig | None = None, *, force: bool = False) -> Run:
     """Export the trained student to ONNX FP32, simplify it (onnxslim), and check every graph against PyTorch."""
     import torch
@@ -329,6 +358,7 @@ def _onnx_check(path: Path, ref: np.ndarray, x: np.ndarray, cfg: ExportConfig, t
 
 
 # ---------------------------------------------------------------------------------------------
+@_locked
 def quantize(run_dir: str | Path, config: QuantizeConfig | None = None, *, force: bool = False) -> Run:
     """INT8 (and, where the target takes it, FP16) flavours of the ONNX student. INT8: every candidate recipe of the
     target's is calibrated on the user's rows, judged on a validation split and timed on this CPU; the fastest within
@@ -421,6 +451,7 @@ def _op_counts(ops: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+@_locked
 def bench(run_dir: str | Path, config: BenchConfig | None = None, *, force: bool = False) -> dict:
     """Measure accuracy, agreement with the teacher, latency, size and parameters of every variant; write report.json."""
     from .bench.report import build_report, load_report
@@ -441,6 +472,7 @@ def bench(run_dir: str | Path, config: BenchConfig | None = None, *, force: bool
     return rep
 
 
+@_locked
 def report(run_dir: str | Path, merge: str | Path | None = None, *, remote: str | None = None, html: bool | None = None) -> dict:
     """Render report.md from the run's report.json (validated) and return the report; merge folds in a device's report.json
     (remote: the user@host compress bench --remote ran it on, which names the merged rows). html: also write report.html
@@ -466,6 +498,7 @@ def report(run_dir: str | Path, merge: str | Path | None = None, *, remote: str 
     return rep
 
 
+@_locked
 def remote_bench(run_dir: str | Path, host: str, **kw) -> dict:
     """Bench the run's exported models on another machine over SSH (compressor.remote) and merge its rows into the report."""
     from .remote import remote_bench as _remote_bench
@@ -473,6 +506,7 @@ def remote_bench(run_dir: str | Path, host: str, **kw) -> dict:
     return _remote_bench(run_dir, host, **kw)
 
 
+@_locked
 def bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bool = False) -> dict:
     """Write the Jetson deploy bundle (ONNX files, manifest, build_engine.sh, run_on_device.py, held-out rows) and its .tar.gz."""
     from .bundle import make_bundle
@@ -505,10 +539,14 @@ def _report_for(path: str | Path, what: str) -> Path:
 # ---------------------------------------------------------------------------------------------
 def compress(cfg: CompressConfig, out: str | Path | None = None, *, force: bool = False, resume: bool = False) -> dict:
     """The whole pipeline: distill, export, quantize, bench, report; returns the report."""
-    run = distill(cfg, out, force=force, resume=resume)
-    # a forced or redone distill makes the later stages stale through their fingerprints
-    export(run.dir, force=force)
-    quantize(run.dir, force=force)
-    rep = bench(run.dir, force=force)
-    report(run.dir, html=True)
+    from .ownership import run_lock
+
+    path = _claim(cfg, out)
+    with run_lock(path):  # one lock over every stage: no other process writes between them
+        run = distill(cfg, path, force=force, resume=resume)
+        # a forced or redone distill makes the later stages stale through their fingerprints
+        export(run.dir, force=force)
+        quantize(run.dir, force=force)
+        rep = bench(run.dir, force=force)
+        report(run.dir, html=True)
     return rep

@@ -191,8 +191,9 @@ def make_bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bo
 
     out = Path(out) if out else run.dir / f"bundle-{target['name']}"
     tarball = out.with_name(out.name + ".tar.gz")
-    if (out.exists() or tarball.exists()) and not force:
-        raise CompressError(f"{out if out.exists() else tarball} already exists", hint="pass --force to replace it, or --out another folder")
+    from .ownership import check_bundle_out
+
+    check_bundle_out(out, tarball, run.dir, force)  # never the run itself, nor a folder or tarball of someone else's
 
     # the held-out sample, the teacher's answers on it, and each ONNX model's accuracy on it here on the host
     ds = run.data

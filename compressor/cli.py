@@ -55,8 +55,10 @@ def _log_to(run_dir: Path) -> None:
 
     if not is_writer():  # under torchrun only rank 0 keeps the log, like every other file
         return
+    from .ownership import owns
+
     path = Path(run_dir) / "compress.log"
-    if not path.parent.is_dir() or any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in log.handlers):
+    if not owns(path.parent) or any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in log.handlers):
         return
     fh = logging.FileHandler(path, encoding="utf-8")
     fh.setLevel(logging.DEBUG)
@@ -199,7 +201,7 @@ def run_cmd(**kw):
     _check_target(kw["target"])
     cfg = _config_from(kw)
     out = kw["out"] or _default_out()
-    _log_to_after_create(out)
+    _log_to_after_create(out, cfg)
     rep = compress(cfg, out, force=kw["force"], resume=kw["resume"])
     print_table(rep)
     click.echo(f"report: {out / 'report.md'}, {out / 'report.html'} and {out / 'report.json'}")
@@ -217,8 +219,9 @@ def distill_cmd(**kw):
 
     _check_target(kw["target"])
     out = kw["out"] or _default_out()
-    _log_to_after_create(out)
-    run = distill(_config_from(kw), out, force=kw["force"], resume=kw["resume"])
+    cfg = _config_from(kw)
+    _log_to_after_create(out, cfg)
+    run = distill(cfg, out, force=kw["force"], resume=kw["resume"])
     if is_writer():  # under torchrun, rank 0 speaks for the job
         click.echo(f"student: {run.dir / 'student.pt'}")
 
@@ -246,10 +249,11 @@ def _default_out() -> Path:
     return default_run_dir()
 
 
-def _log_to_after_create(out: Path) -> None:
-    from ._io import ensure_dir
+def _log_to_after_create(out: Path, cfg: CompressConfig) -> None:
+    """Claim --out as the run folder (new, empty or a run already: compressor.ownership), then log there."""
+    from .ownership import claim_run_dir
 
-    ensure_dir(out)
+    claim_run_dir(out, (cfg.data.source, cfg.data.eval_source))
     _log_to(out)
 
 

@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from ._io import ensure_dir, sha256_file, sha256_json, write_json
+from ._io import sha256_file, sha256_json, write_json
 from .config import CompressConfig
 from .errors import CompressError
 
 MANIFEST = "manifest.json"
+MANIFEST_MAX_BYTES = 64 << 20  # a manifest is kilobytes; stage results included, far below this
 STAGES = ("distill", "export", "quantize", "bench", "report")
 DEMO_TEACHER = Path(__file__).parent / "assets" / "demo_teacher.pt"
 
@@ -24,7 +25,13 @@ def now() -> str:
 
 
 def default_run_dir() -> Path:
-    return Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    """runs/<timestamp>, with a -2, -3, ... suffix when a run started in the same second already took the name."""
+    base = Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = base, 1
+    while path.exists() or path.is_symlink():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
 def _data_fingerprint(source: str) -> str:
@@ -46,8 +53,10 @@ class Run:
     # -- creation and loading -------------------------------------------------------------
     @classmethod
     def create(cls, path: Path | None, cfg: CompressConfig) -> "Run":
-        """Open or start the run directory for a full configuration."""
-        path = ensure_dir(path or default_run_dir())
+        """Open or start the run directory for a full configuration (a new, empty or run folder only: see ownership)."""
+        from .ownership import claim_run_dir
+
+        path = claim_run_dir(path or default_run_dir(), (cfg.data.source, cfg.data.eval_source))
         if cfg.teacher is None:
             if cfg.data.source != "mnist1d":
                 raise CompressError("--data needs --teacher", hint="the built-in demo teacher only fits the built-in 'mnist1d' data")
@@ -87,12 +96,49 @@ class Run:
 
     @staticmethod
     def _read(path: Path) -> dict:
+        """The manifest, checked for the shape every stage relies on: a damaged or foreign file is exit 2 here,
+        never a KeyError or TypeError deep inside a stage."""
+        from ._io import read_regular_file
+
+        mpath, hint = path / MANIFEST, "start a fresh run with another --out"
+
+        def refuse(why: str) -> CompressError:
+            return CompressError(f"{mpath} is unreadable or not a manifest of this tool: {why}", hint=hint)
+
+        raw = read_regular_file(mpath, "manifest", MANIFEST_MAX_BYTES, hint=hint)  # never a FIFO, a device or a huge file
         try:
-            m = json.loads((path / MANIFEST).read_text())
-            assert isinstance(m, dict) and m.get("manifest_version") == 1 and "config" in m
-            return m
-        except (OSError, ValueError, AssertionError):
-            raise CompressError(f"{path / MANIFEST} is unreadable or not a manifest of this tool", hint="start a fresh run with another --out") from None
+            m = json.loads(raw.decode("utf-8"))
+        except RecursionError:
+            raise refuse("nested too deeply") from None
+        except ValueError as exc:  # UnicodeDecodeError is a ValueError too
+            raise refuse(f"not JSON ({str(exc)[:100]})") from None
+        if not isinstance(m, dict) or m.get("manifest_version") != 1:
+            raise refuse("no manifest_version 1")
+        for key, kind in (("config", dict), ("stages", dict), ("inputs", dict), ("created", str)):
+            if not isinstance(m.get(key), kind):
+                raise refuse(f"'{key}' is {type(m.get(key)).__name__ if key in m else 'missing'}, not {kind.__name__}")
+        missing = [k for k in ("target", "teacher_arch", "data", "distill") if k not in m["config"]]
+        if missing:
+            raise refuse(f"config lacks {', '.join(missing)}")
+        try:
+            CompressConfig.from_dict(m["config"])
+        except CompressError as exc:
+            raise refuse(exc.message) from None
+        except RecursionError:
+            raise refuse("config nested too deeply") from None
+        teacher = m["inputs"].get("teacher")
+        if not (isinstance(teacher, dict) and isinstance(teacher.get("sha256"), str) and isinstance(teacher.get("path"), str)
+                and isinstance(teacher.get("cwd", ""), (str, type(None))) and isinstance(m["inputs"].get("data"), dict)):
+            raise refuse("'inputs' lacks the teacher's path and sha256 or the data")
+        for name, st in m["stages"].items():
+            if not isinstance(st, dict):
+                raise refuse(f"stage '{name}' is {type(st).__name__}, not an object")
+            for key, kind in (("status", str), ("fingerprint", str), ("outputs", dict), ("result", dict)):
+                if key in st and not isinstance(st[key], kind):
+                    raise refuse(f"stage '{name}': '{key}' is {type(st[key]).__name__}, not {kind.__name__}")
+            if not all(isinstance(v, str) for v in st.get("outputs", {}).values()):
+                raise refuse(f"stage '{name}': 'outputs' must map names to relative paths")
+        return m
 
     def save(self) -> None:
         self.manifest["updated"] = now()
@@ -187,12 +233,11 @@ class Run:
         self.save()
 
     def remove_stale_temporaries(self) -> list[Path]:
-        """Delete half-written files (``.NAME.XXXX.tmp``) left by a process that was killed (SIGKILL, power loss)
-        before it could rename or remove them. The finished artifacts they were meant to replace are untouched."""
-        stale = [p for p in self.dir.rglob(".*.tmp") if p.is_file()]
-        for p in stale:
-            p.unlink(missing_ok=True)
-        return stale
+        """Delete half-written files and scratch folders left by a process of ours that was killed (SIGKILL, power
+        loss) before it could rename or remove them: only the tool's own temporary names, in the run's own folders."""
+        from .ownership import sweep_stale
+
+        return sweep_stale(self.dir)
 
     @contextlib.contextmanager
     def running(self, stage: str):

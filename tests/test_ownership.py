@@ -1,0 +1,180 @@
+"""A run never harms what is around it: the tool writes only in folders it created or that carry its marker, replaces
+only its own artifacts, sweeps only its own temporary names, and a second writer on the same run is turned away
+(compressor/ownership.py). Each test reproduces a defect of issue 17, class 1."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compressor.ownership import LOCK, claim_run_dir, run_lock, sweep_stale
+from compressor.errors import CompressError
+from conftest import make_finished_run
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny, tmp_path_factory) -> Path:
+    return make_finished_run(tiny, tmp_path_factory.mktemp("own") / "run", "jetson")
+
+
+def _tree(root: Path) -> dict:
+    """Every file below root with its bytes: what a test compares before and after a command."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name not in (LOCK, "compress.log")}
+
+
+def test_bundle_force_never_deletes_a_folder_of_user_files(finished_run, tmp_path, cli):
+    d = tmp_path / "D"
+    (d / "x").mkdir(parents=True)
+    (d / "x" / "f").write_text("hi")
+    code, _, err = cli("bundle", finished_run, "--out", d, "--force")
+    assert code == 2, err
+    assert "not a deploy bundle folder" in err and err.count("\n") == 1
+    assert (d / "x" / "f").read_text() == "hi"
+
+
+@pytest.mark.parametrize("where", ["run", "parent"])
+def test_bundle_out_at_the_run_or_above_it_is_refused(finished_run, cli, where):
+    before = _tree(finished_run)
+    out = finished_run if where == "run" else finished_run.parent
+    code, _, err = cli("bundle", finished_run, "--out", out, "--force")
+    assert code == 2 and "would replace the run" in err, err
+    assert _tree(finished_run) == before
+
+
+def test_bundle_force_replaces_its_own_bundle(finished_run, tmp_path, cli):
+    out = tmp_path / "b"
+    assert cli("bundle", finished_run, "--out", out)[0] == 0
+    (out / "stray-of-ours").write_text("x")  # a bundle folder of ours: --force replaces it whole
+    assert cli("bundle", finished_run, "--out", out)[0] == 2  # without --force: refused
+    assert cli("bundle", finished_run, "--out", out, "--force")[0] == 0
+    assert not (out / "stray-of-ours").exists() and (out / "manifest.json").is_file()
+
+
+def test_bundle_force_leaves_a_tarball_it_did_not_write(finished_run, tmp_path, cli):
+    out = tmp_path / "b2"
+    tarball = tmp_path / "b2.tar.gz"
+    tarball.write_bytes(b"my own archive")
+    code, _, err = cli("bundle", finished_run, "--out", out, "--force")
+    assert code == 2 and "not a bundle tarball" in err, err
+    assert tarball.read_bytes() == b"my own archive"
+
+
+def test_out_at_a_folder_of_user_files_is_refused_before_any_work(tiny, tmp_path, cli):
+    work = tmp_path / "work"
+    (work / "deep").mkdir(parents=True)
+    (work / "report.md").write_text("mine")
+    (work / "student.onnx").write_bytes(b"mine")
+    (work / "deep" / ".keep.abcdef12.tmp").write_text("mine")
+    before = _tree(work)
+    t0 = time.perf_counter()
+    code, _, err = cli("--teacher", tiny.torchscript, "--data", tiny.npz, "--out", work, "--steps", 1)
+    assert code == 2 and "not a run folder" in err and "choose an empty or new --out" in err, err
+    assert time.perf_counter() - t0 < 30
+    assert _tree(work) == before and sorted(p.name for p in work.iterdir()) == ["deep", "report.md", "student.onnx"]
+
+
+def test_a_stage_command_on_a_folder_that_is_not_a_run_writes_nothing(tmp_path, cli):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    for cmd in ("export", "quantize", "bench", "report", "bundle"):
+        code, _, err = cli(cmd, work)
+        assert code == 2, (cmd, err)
+    assert sorted(p.name for p in work.iterdir()) == ["notes.txt"]  # no compress.log, no run.lock
+
+
+def test_out_inside_the_image_data_folder_is_refused(tmp_path, cli, tiny):
+    from PIL import Image
+
+    data = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(data / c / f"{i}.png")
+    before = _tree(data)
+    for out in (data, data / "run"):
+        code, _, err = cli("--teacher", tiny.torchscript, "--data", data, "--out", out)
+        assert code == 2 and "inside the data folder" in err, err
+    assert _tree(data) == before and sorted(p.name for p in data.iterdir()) == ["a", "b"]
+
+
+def test_claim_accepts_new_empty_and_run_folders(tmp_path, finished_run):
+    assert claim_run_dir(tmp_path / "new" / "deeper").is_dir()
+    (tmp_path / "empty").mkdir()
+    assert claim_run_dir(tmp_path / "empty") == tmp_path / "empty"
+    assert claim_run_dir(finished_run) == finished_run
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CompressError, match="not a directory"):
+        claim_run_dir(tmp_path / "file")
+
+
+def test_the_sweep_removes_only_the_tools_temporaries_in_its_own_folders(finished_run):
+    ours = [finished_run / ".student.onnx.k2j3h4g5.tmp", finished_run / "checkpoints" / ".student.ckpt.abc123.tmp"]
+    scratch = finished_run / ".quantize-x8y7z6w5"  # what a SIGKILL during quantize leaves
+    theirs = [finished_run / "notes" / ".draft.abcdef12.tmp", finished_run / ".notes.tmp", finished_run / "cache" / "mine.tmp"]
+    (finished_run / "checkpoints").mkdir(exist_ok=True)
+    (finished_run / "notes").mkdir()
+    (scratch / "sub").mkdir(parents=True)
+    (scratch / "sub" / "model.onnx").write_bytes(b"half")
+    for p in ours + theirs:
+        p.parent.mkdir(exist_ok=True)
+        p.write_text("x")
+    try:
+        removed = sweep_stale(finished_run)
+        assert sorted(removed) == sorted([*ours, scratch])
+        assert all(p.exists() for p in theirs) and not scratch.exists()
+    finally:
+        shutil.rmtree(finished_run / "notes")
+        for p in theirs:
+            p.unlink(missing_ok=True)
+
+
+def test_the_sweep_does_nothing_in_a_folder_that_is_not_a_run(tmp_path):
+    (tmp_path / "a").mkdir()
+    f = tmp_path / "a" / ".x.abcdef12.tmp"
+    f.write_text("x")
+    (tmp_path / ".y.abcdef12.tmp").write_text("y")
+    assert sweep_stale(tmp_path) == [] and f.exists() and (tmp_path / ".y.abcdef12.tmp").exists()
+
+
+_HOLDER = """
+import sys, time
+from compressor.ownership import run_lock
+with run_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def _hold(run_dir: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_writer_on_the_same_run_is_refused_until_the_first_is_gone(finished_run, cli):
+    proc = _hold(finished_run)
+    try:
+        code, _, err = cli("report", finished_run)
+        assert code == 2 and "in use by another compress process" in err and f"PID {proc.pid}" in err, err
+        code, _, err = cli("export", finished_run, "--force")
+        assert code == 2 and "in use" in err, err
+    finally:
+        proc.send_signal(signal.SIGKILL)  # even a killed holder releases the lock (flock)
+        proc.wait()
+    code, _, err = cli("report", finished_run)
+    assert code == 0, err
+
+
+def test_the_lock_is_reentrant_in_one_process(finished_run):
+    with run_lock(finished_run):
+        with run_lock(finished_run):
+            pass
+        assert (finished_run / LOCK).read_text().split()[0] == str(os.getpid())
