@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shlex
 import shutil
 import tarfile
 import tempfile
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +47,7 @@ def _done(run: Run, stage: str, what: str) -> dict:
     st = run.manifest["stages"].get(stage)
     if not st or st.get("status") != "done":
         raise CompressError(f"compress bundle needs {what}, but stage '{stage}' has not finished in {run.dir}",
-                            hint=f"run 'compress {stage} {run.dir}' first")
+                            hint=f"run 'compress {stage} {shlex.quote(str(run.dir))}' first")
     return st
 
 
@@ -91,39 +93,50 @@ def _sample(ds, n: int) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(len(ds.y_test), n, replace=False))
 
 
+def _one_line(text) -> str:
+    """Text from a profile or a graph made safe for a comment or a markdown line: control, format and line-separator
+    characters (a newline would end a shell comment and start a command) become spaces."""
+    return "".join(" " if unicodedata.category(c)[0] == "C" or c in "\u2028\u2029" else c for c in str(text))
+
+
 def build_engine_script(target: dict, engines: list[dict], input_info: dict, batch: dict = BATCH) -> str:
-    """build_engine.sh: verify the checksums, then one trtexec call per engine with the flags of the target's TensorRT."""
-    version = target["runtime"]["version"]
+    """build_engine.sh: verify the checksums, then one trtexec call per engine with the flags of the target's TensorRT.
+    Every value from the profile or the graph is a shlex-quoted word (or a comment made one line); only $TRTEXEC,
+    $MAX_BATCH and $found are expanded."""
+    q = shlex.quote
+    version = str(target["runtime"]["version"])
     rest = "x".join(str(d) for d in input_info["shape"][1:])
     name = input_info["name"]
     lines = [
         "#!/usr/bin/env bash",
-        f"# Build this bundle's TensorRT engines on the device: {target['description']}, TensorRT {version}.",
+        f"# Build this bundle's TensorRT engines on the device: {_one_line(target['description'])}, TensorRT {_one_line(version)}.",
         "# Engines only load on the GPU model and TensorRT version that built them, so build them here, on the target.",
         "# MAX_BATCH=64 bash build_engine.sh raises the largest batch; TRTEXEC=/path/to/trtexec names trtexec.",
         "set -euo pipefail",
         'cd "$(dirname "$0")"',
-        "",
-        "sha256sum -c --quiet SHA256SUMS  # stop before building from a damaged or edited file",
+        "sha256sum -c --quiet SHA256SUMS  # first of all: stop before reading or building from a damaged or edited file",
         "",
         'TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"',
         'if [ ! -x "$TRTEXEC" ]; then',
         '  echo "error: trtexec not found (JetPack installs it as /usr/src/tensorrt/bin/trtexec; or set TRTEXEC=...)" >&2',
         "  exit 2",
         "fi",
-        f'MAX_BATCH="${{MAX_BATCH:-{batch["max"]}}}"',
+        f'MAX_BATCH="${{MAX_BATCH:-{int(batch["max"])}}}"',
+        'case "$MAX_BATCH" in',
+        "  ''|0*|*[!0-9]*) printf 'error: MAX_BATCH must be a whole number from 1, not %s\\n' \"$MAX_BATCH\" >&2; exit 2 ;;",
+        "esac",
         'found="$(python3 -c \'import tensorrt; print(tensorrt.__version__)\' 2>/dev/null || true)"',
         'case "$found" in',
-        f'  ""|{version}|{version}.*) ;;',
-        f'  *) echo "warning: these flags are for TensorRT {version}; this device has TensorRT $found" >&2 ;;',
+        f'  ""|{q(version)}|{q(version)}.*) ;;',
+        f"  *) printf 'warning: these flags are for TensorRT %s; this device has TensorRT %s\\n' {q(version)} \"$found\" >&2 ;;",
         "esac",
     ]
     for e in engines:
-        shapes = [f"--minShapes={name}:{batch['min']}x{rest}", f"--optShapes={name}:{batch['opt']}x{rest}",
-                  f"--maxShapes={name}:${{MAX_BATCH}}x{rest}"]
-        args = [f"--onnx={e['onnx']}", f"--saveEngine={e['engine']}", *e["trtexec_flags"], *shapes]
-        lines += ["", f"# {e['name']}: {e['description']}", 'echo "building ' + e["engine"] + '"',
-                  '"$TRTEXEC" ' + " ".join(shlex.quote(a) if "$" not in a else f'"{a}"' for a in args)]
+        args = [f"--onnx={e['onnx']}", f"--saveEngine={e['engine']}", *e["trtexec_flags"],
+                f"--minShapes={name}:{batch['min']}x{rest}", f"--optShapes={name}:{batch['opt']}x{rest}"]
+        max_shapes = q(f"--maxShapes={name}:") + '"${MAX_BATCH}"' + q(f"x{rest}")
+        lines += ["", f"# {_one_line(e['name'])}: {_one_line(e['description'])}", f"printf 'building %s\\n' {q(e['engine'])}",
+                  '"$TRTEXEC" ' + " ".join(map(q, args)) + " " + max_shapes]
     lines += ["", 'echo "engines built; next: python3 run_on_device.py"', ""]
     return "\n".join(lines)
 
@@ -172,11 +185,14 @@ def make_bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bo
                             hint="make the run with a TensorRT target, e.g. --target jetson")
     if not target["runtime"].get("version"):
         raise CompressError(f"target profile '{target['name']}' names no TensorRT version (runtime.version)", hint="add runtime.version, e.g. \"10.3\", to the profile")
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", str(target["runtime"]["version"])):
+        raise CompressError(f"target profile '{target['name']}': runtime.version {str(target['runtime']['version'])!r} is not a TensorRT version",
+                            hint="write it as MAJOR.MINOR, e.g. \"10.3\"")
     _done(run, "export", "the FP32 ONNX model")
     quant = _done(run, "quantize", "the INT8 Q/DQ model")
     if not run.path("report.json").is_file():
         raise CompressError(f"compress bundle needs the run's report.json (the host accuracy of each ONNX model), which {run.dir} lacks",
-                            hint=f"run 'compress bench {run.dir}' first")
+                            hint=f"run 'compress bench {shlex.quote(str(run.dir))}' first")
     report = load_report(run.path("report.json"))
     onnx_files = {"student.int8.onnx": run.path(quant["outputs"]["onnx_int8"]),
                   "student.onnx": run.path(run.stage("export")["outputs"]["onnx_fp32"])}
@@ -184,10 +200,10 @@ def make_bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bo
         onnx_files["student.fp16.onnx"] = run.path(quant["outputs"]["onnx_fp16"])
     for name, p in onnx_files.items():
         if not p.is_file():
-            raise CompressError(f"{p} is missing from the run", hint=f"rerun 'compress {'quantize' if 'int8' in name else 'export'} {run.dir} --force'")
+            raise CompressError(f"{p} is missing from the run", hint=f"rerun 'compress {'quantize' if 'int8' in name else 'export'} {shlex.quote(str(run.dir))} --force'")
     if not onnx_only and graph_precision(onnx_files["student.int8.onnx"]) != "int8":
         raise CompressError(f"{onnx_files['student.int8.onnx']} has no Q/DQ nodes, so TensorRT cannot build an INT8 engine from it",
-                            hint=f"rerun 'compress quantize {run.dir} --force'")
+                            hint=f"rerun 'compress quantize {shlex.quote(str(run.dir))} --force'")
 
     out = Path(out) if out else run.dir / f"bundle-{target['name']}"
     tarball = out.with_name(out.name + ".tar.gz")
@@ -200,8 +216,12 @@ def make_bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bo
     idx = _sample(ds, heldout_rows)
     x, y = np.ascontiguousarray(ds.x_test[idx]), np.asarray(ds.y_test[idx], np.int64)
     distill = run.stage("distill")["result"]
-    with TeacherRunner(run.teacher, 1, num_classes=distill.get("num_classes")) as t:
-        teacher_pred = infer_batched(t, x, 256).argmax(1).astype(np.int64)
+    heldout_pred = run.teacher_heldout_pred()  # recorded by distill: the teacher is not run (nor a black box asked) again
+    if heldout_pred is not None:
+        teacher_pred = heldout_pred[idx]
+    else:
+        with TeacherRunner(run.teacher, 1, num_classes=distill.get("num_classes")) as t:
+            teacher_pred = infer_batched(t, x, 256).argmax(1).astype(np.int64)
     by_path = {m["path"]: m for m in report["models"] if m.get("latency_measured_on", "host") == "host"}
     onnx_info = {}
     for name, p in onnx_files.items():
@@ -289,20 +309,41 @@ def _write_tarball(folder: Path, tarball: Path) -> None:
 
 
 def _readme(m: dict) -> str:
-    t = m["target"]
+    t, i = m["target"], m["input"]  # text from the profile and the graph: one line each, never a line of its own
     return "\n".join([
-        f"# Deploy bundle for {t['description']} (TensorRT {t['tensorrt_version']})", "",
+        f"# Deploy bundle for {_one_line(t['description'])} (TensorRT {_one_line(t['tensorrt_version'])})", "",
         "On the device:", "",
         "    bash build_engine.sh          # checks every file (sha256sum -c SHA256SUMS), then builds the engines with trtexec",
         "    python3 run_on_device.py      # accuracy on heldout.npz and batch-1 latency; writes report.json", "",
         "run_on_device.py needs numpy, tensorrt and cuda-python (or a CUDA build of torch); without the engines it builds them",
         "itself. `python3 run_on_device.py --runtime onnxruntime` runs the ONNX files on the CPU instead.", "",
         "Back on the host:", "", "    compress report RUN_DIR --merge report.json", "",
-        f"Input '{m['input']['name']}': {m['input']['dtype']}, shape {m['input']['shape']} (dimension 0 is the batch).",
+        f"Input '{_one_line(i['name'])}': {_one_line(i['dtype'])}, shape {_one_line(i['shape'])} (dimension 0 is the batch).",
         "manifest.json lists the preprocessing, the classes, the host accuracy of each ONNX model and every file's sha256.", ""])
 
 
 # --- merging a device report back into the run -----------------------------------------------------------
+def _check_onnx_sha256(run: Run, path: Path, bundle: dict) -> None:
+    """The device report's bundle.onnx_sha256 must name every ONNX file a bundle of this run ships, each with this run's
+    checksum: otherwise nothing ties its rows to this run's models."""
+    again = f"make a new bundle ('compress bundle {shlex.quote(str(run.dir))} --force') and run it on the device again"
+    got = bundle.get("onnx_sha256") if isinstance(bundle, dict) else None
+    if not isinstance(got, dict) or not got:
+        raise CompressError(f"{path} names no ONNX checksums (bundle.onnx_sha256), so nothing ties its rows to this run's models",
+                            hint=f"pass the report.json that run_on_device.py wrote, unedited; or {again}")
+    quant = run.manifest["stages"].get("quantize", {}).get("outputs", {})
+    ours = {"student.int8.onnx": quant.get("onnx_int8"), "student.onnx": run.manifest["stages"].get("export", {}).get("outputs", {}).get("onnx_fp32"),
+            **({"student.fp16.onnx": quant["onnx_fp16"]} if quant.get("onnx_fp16") else {})}
+    if unknown := sorted(set(got) - set(ours)):
+        raise CompressError(f"{path} names {', '.join(map(str, unknown))}, which this run has no ONNX file for", hint=again)
+    if missing := sorted(set(ours) - set(got)):
+        raise CompressError(f"{path} lacks the checksum of {', '.join(missing)} (bundle.onnx_sha256)", hint=again)
+    for name, rel in ours.items():
+        local = run.path(rel) if rel else None
+        if local is None or not local.is_file() or sha256_file(local) != got[name]:
+            raise CompressError(f"{path} measured a different {name} than this run's", hint=again)
+
+
 def merge_device_report(run_dir: str | Path, device_report: str | Path, *, remote: str | None = None) -> dict:
     """Fold the rows of run_on_device.py's report.json into the run's report.json (both validated); returns the merged report.
     remote (compress bench --remote): the user@host it ran on; rows are then marked '(on user@host)' and their device
@@ -315,13 +356,7 @@ def merge_device_report(run_dir: str | Path, device_report: str | Path, *, remot
     dev = load_report(path)
     if dev["target"]["latency_measured_on"] != "target" or "bundle" not in dev:
         raise CompressError(f"{path} is not a device report (run_on_device.py writes one)", hint="pass the report.json that run_on_device.py wrote on the device")
-    for name, digest in dev["bundle"].get("onnx_sha256", {}).items():
-        ours = {"student.int8.onnx": "onnx_int8", "student.onnx": "onnx_fp32"}.get(name)
-        stage = run.manifest["stages"].get("quantize" if ours == "onnx_int8" else "export", {})
-        local = run.path(stage.get("outputs", {}).get(ours, name))
-        if not local.is_file() or sha256_file(local) != digest:
-            raise CompressError(f"{path} measured a different {name} than this run's",
-                                hint=f"make a new bundle ('compress bundle {run.dir} --force') and run it on the device again")
+    _check_onnx_sha256(run, path, dev["bundle"])
     where = dev["host"].get("board") or dev["host"].get("gpu") or dev["host"]["cpu"]
     source = {"report": path.name, "created": dev["created"], "hostname": dev["host"].get("hostname"), "target": dev["target"]["name"],
               "runtime": dev["target"]["runtime"], **({"remote": remote} if remote else {})}

@@ -163,7 +163,7 @@ def test_build_engine_script_for_tensorrt_10_3(bundle10, tmp_path):
         assert "--best" not in line and "--calib" not in line
         assert ("--stronglyTyped" in line) == (name == "student.fp16.engine")
         assert f"--minShapes=input:1x{LENGTH}" in line and f"--optShapes=input:1x{LENGTH}" in line
-        assert f'"--maxShapes=input:${{MAX_BATCH}}x{LENGTH}"' in line
+        assert f'--maxShapes=input:"${{MAX_BATCH}}"x{LENGTH}' in line  # only the variable is expanded, the data is quoted
     # run it against a stand-in trtexec: every engine is asked for, with the batch range expanded
     folder = tmp_path / "b"
     shutil.copytree(bundle10, folder)
@@ -323,3 +323,177 @@ def test_device_script_without_tensorrt_says_what_to_do(bundle10, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "error: TensorRT is not installed" in proc.stderr and "--runtime onnxruntime" in proc.stderr
     assert "Traceback" not in proc.stderr and not (folder / "report.json").exists()
+
+
+
+# --- text from files never becomes code (issue 17) ------------------------------------------------------
+def _evil(marker: Path) -> str:
+    """A string that runs `touch` if it ever reaches a shell or Python unquoted: substitutions, separators, quotes,
+    a newline that ends a comment, control characters, non-ASCII."""
+    return (f"Orin $(touch {marker}) `touch {marker}`; touch {marker} && touch pwned || touch pwned ' \" \\ "
+            f"\n touch {marker} #\r\n touch pwned # \t\x1b[31m\u2028 é 日本 ${{IFS}} %s {{0}} \"\"\" + __import__('os').system('touch pwned') + '")
+
+
+def _toml_str(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)  # a JSON string is a TOML basic string (\n, \", \\, \u00XX escapes)
+
+
+def _argv_stub(tmp: Path) -> tuple[Path, Path]:
+    """A stand-in trtexec, found on PATH, that records its exact argv (one JSON list a line) and writes --saveEngine."""
+    bin_dir, log = tmp / "bin", tmp / "argv.jsonl"
+    bin_dir.mkdir()
+    stub = bin_dir / "trtexec"
+    stub.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                    "with open(os.environ['TRTEXEC_ARGV'], 'a') as f:\n    f.write(json.dumps(sys.argv[1:]) + '\\n')\n"
+                    "for a in sys.argv[1:]:\n    if a.startswith('--saveEngine='):\n        open(a.split('=', 1)[1], 'w').write('engine')\n")
+    stub.chmod(0o755)
+    return bin_dir, log
+
+
+def _run_on_path(script: Path, tmp: Path) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    bin_dir, log = _argv_stub(tmp)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRTEXEC", "MAX_BATCH")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", TRTEXEC_ARGV=str(log))
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120, env=env, cwd=tmp)
+    return proc, [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def _nothing_ran(marker: Path, *folders: Path) -> None:
+    assert not marker.exists()
+    for folder in folders:
+        assert not [p for p in folder.rglob("*") if p.name in ("pwned", marker.name)], folder
+
+
+def test_profile_strings_never_become_shell_or_python_code(finished_run, tmp_path):
+    marker = tmp_path / "MARKER"
+    evil = _evil(marker)
+    src = (ROOT / "targets" / f"{TARGET}.toml").read_text()
+    lines = []
+    for line in src.splitlines():
+        key = line.split("=", 1)[0].strip()
+        if key in ("description", "platform", "source") and line.startswith(key):
+            line = f"{key} = {_toml_str(evil)}"
+        elif key == "name" and line.startswith("name") and TARGET in line:
+            line = 'name = "evil-profile"'
+        elif key == "aliases":
+            line = f"aliases = []\nnotes = [{_toml_str(evil)}]"
+        lines.append(line)
+    profile = tmp_path / "evil.toml"
+    profile.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    from compressor.targets import load_profile
+
+    loaded = load_profile(profile)
+    assert loaded["description"] == loaded["runtime"]["platform"] == loaded["runtime"]["source"] == evil
+    run = _copy_run(finished_run, tmp_path / "run", target=lambda m: m["config"].update(target=str(profile)))
+    folder = Path(api.bundle(run)["dir"])
+    m = validate_manifest(_manifest(folder))
+    assert m["target"]["description"] == m["target"]["platform"] == evil  # the manifest keeps the text, as data
+
+    script = (folder / "build_engine.sh").read_text()
+    code = [ln for ln in script.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert code[:3] == ["set -euo pipefail", 'cd "$(dirname "$0")"', code[2]] and code[2].startswith("sha256sum -c")  # checksums first
+    assert all(ln.startswith("#") for ln in script.splitlines() if "touch" in ln)  # the text stays inside one comment line
+    readme = (folder / "README.md").read_text()
+    assert [i for i, ln in enumerate(readme.splitlines()) if "touch" in ln] == [0]  # one heading line, no extra (code) lines
+
+    proc, calls = _run_on_path(folder / "build_engine.sh", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert calls == [[f"--onnx={e['onnx']}", f"--saveEngine={e['engine']}", *e["trtexec_flags"], f"--minShapes=input:1x{LENGTH}",
+                      f"--optShapes=input:1x{LENGTH}", f"--maxShapes=input:32x{LENGTH}"] for e in m["engines"]]
+    _nothing_ran(marker, tmp_path)
+
+    proc = _run_device_script(folder, "--runtime", "onnxruntime", *DEVICE_FLAGS, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    dev = validate_report(json.loads((folder / "report.json").read_text()))
+    assert dev["target"]["description"] == evil and dev["target"]["name"] == "evil-profile"
+    proc = subprocess.run([sys.executable, str(folder / "run_on_device.py"), *DEVICE_FLAGS], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)  # TensorRT (absent here): past the checksums to a clear refusal
+    assert proc.returncode == 2 and "error: TensorRT is not installed" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    _nothing_ran(marker, tmp_path)
+
+
+def test_build_engine_script_quotes_every_value(tmp_path):
+    """The pure function with hostile text in every value it takes (profile and ONNX graph names), run by bash."""
+    marker = tmp_path / "MARKER"
+    evil = _evil(marker)
+    folder = tmp_path / "b"
+    folder.mkdir()
+    (folder / "student.onnx").write_bytes(b"onnx")
+    (folder / "SHA256SUMS").write_text(f"{sha256_file(folder / 'student.onnx')}  student.onnx\n")
+    target = {"description": evil, "runtime": {"version": evil}}
+    engines = [{"name": evil, "description": evil, "onnx": "student.onnx", "engine": "student.fp32.engine", "trtexec_flags": [evil, "--fp16"]}]
+    (folder / "build_engine.sh").write_text(build_engine_script(target, engines, {"name": evil, "shape": ["batch", 3, evil]}))
+    proc, calls = _run_on_path(folder / "build_engine.sh", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert calls == [["--onnx=student.onnx", "--saveEngine=student.fp32.engine", evil, "--fp16", f"--minShapes={evil}:1x3x{evil}",
+                      f"--optShapes={evil}:1x3x{evil}", f"--maxShapes={evil}:32x3x{evil}"]]
+    assert (folder / "student.fp32.engine").read_text() == "engine"
+    _nothing_ran(marker, tmp_path)
+    # MAX_BATCH comes from the user's shell: a number or a refusal, never code
+    env = {**os.environ, "TRTEXEC": "/bin/true", "MAX_BATCH": "$(touch pwned)"}
+    proc = subprocess.run(["bash", str(folder / "build_engine.sh")], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert proc.returncode == 2 and "MAX_BATCH" in proc.stderr
+    _nothing_ran(marker, tmp_path)
+
+
+def test_bundle_refuses_a_runtime_version_that_is_not_a_version(finished_run, tmp_path):
+    src = (ROOT / "targets" / f"{TARGET}.toml").read_text()
+    profile = tmp_path / "v.toml"
+    profile.write_text(src.replace('version = "10.3"', 'version = "10.3; touch pwned"').replace('aliases = ["jetson", "orin-nano"]', "aliases = []"))
+    run = _copy_run(finished_run, tmp_path / "run", target=lambda m: m["config"].update(target=str(profile)))
+    with pytest.raises(CompressError, match=r"runtime.version '10.3; touch pwned' is not a TensorRT version") as e:
+        api.bundle(run, tmp_path / "b")
+    assert "MAJOR.MINOR" in e.value.hint and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("how", ["trt_core.py", "latency.py", "trt_core.py+manifest", "stray numpy.py"])
+def test_tampered_code_in_the_bundle_never_runs(bundle10, tmp_path, how):
+    folder = tmp_path / "b"
+    shutil.copytree(bundle10, folder)
+    marker = tmp_path / "MARKER"
+    payload = f"\nimport pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+    name = how.split("+")[0].removeprefix("stray ")
+    with open(folder / name, "a") as fh:
+        fh.write(payload)
+    if how.endswith("+manifest"):  # the manifest edited to match: SHA256SUMS still holds the manifest's own checksum
+        m = _manifest(folder)
+        m["files"][name] = {"sha256": sha256_file(folder / name), "size_bytes": (folder / name).stat().st_size}
+        (folder / "manifest.json").write_text(json.dumps(m, indent=2))
+    proc = subprocess.run([sys.executable, str(folder / "run_on_device.py"), "--runtime", "onnxruntime", *DEVICE_FLAGS],
+                          capture_output=True, text=True, timeout=120, cwd=folder)
+    assert not marker.exists(), proc.stderr
+    if how.startswith("stray"):  # a file the bundle does not list cannot stand in for a module: the run goes on as usual
+        assert proc.returncode == 0, proc.stderr
+        return
+    want = "manifest.json does not match its checksum in SHA256SUMS" if how.endswith("+manifest") else f"{name} does not match its checksum"
+    assert proc.returncode == 2 and want in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (folder / "report.json").exists()
+    proc, calls = _run_build_script(folder, tmp_path)
+    assert proc.returncode != 0 and calls == [] and f"{'manifest.json' if how.endswith('+manifest') else name}: FAILED" in proc.stdout
+
+
+def test_report_merge_refuses_a_report_without_every_onnx_checksum(device_run, cli, tmp_path):
+    from compressor.bundle import merge_device_report
+
+    run, _, dev_path = device_run
+    before = (run / "report.json").read_bytes()
+    dev = json.loads(dev_path.read_text())
+    assert set(dev["bundle"]["onnx_sha256"]) == {"student.int8.onnx", "student.fp16.onnx", "student.onnx"}
+    cases = {"empty": ({}, "names no ONNX checksums"), "missing": (None, "names no ONNX checksums"),
+             "not-a-table": ("abc", "names no ONNX checksums"),
+             "partial": ({"student.int8.onnx": dev["bundle"]["onnx_sha256"]["student.int8.onnx"]}, "lacks the checksum of student.fp16.onnx, student.onnx"),
+             "extra": ({**dev["bundle"]["onnx_sha256"], "other.onnx": "0" * 64}, "names other.onnx, which this run has no"),
+             "empty-digest": ({**dev["bundle"]["onnx_sha256"], "student.onnx": ""}, "measured a different student.onnx")}
+    for name, (value, msg) in cases.items():
+        obj = json.loads(json.dumps(dev))
+        if value is None:
+            del obj["bundle"]["onnx_sha256"]
+        else:
+            obj["bundle"]["onnx_sha256"] = value
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps(obj))
+        with pytest.raises(CompressError, match=msg):
+            merge_device_report(run, p)
+        code, _, err = cli("report", run, "--merge", p)
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (name, err)
+    assert (run / "report.json").read_bytes() == before

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Run this bundle's student on the device and write report.json in compressor's report contract.
 
-Needs numpy, tensorrt and cuda-python (or a CUDA build of torch); not compressor. It checks every file against
-manifest.json, loads the engines build_engine.sh made (or builds them with TensorRT's Python API), measures accuracy
+Needs numpy, tensorrt and cuda-python (or a CUDA build of torch); not compressor. It first checks every file against
+SHA256SUMS and manifest.json with the standard library alone, then imports latency.py and trt_core.py from the bytes
+it checked; it loads the engines build_engine.sh made (or builds them with TensorRT's Python API), measures accuracy
 on the bundled held-out rows and batch-1 latency with latency.py (compressor's own methodology, shipped verbatim),
 and writes report.json. Back on the host: compress report RUN_DIR --merge report.json
 
@@ -11,23 +12,29 @@ and writes report.json. Back on the host: compress report RUN_DIR --merge report
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import hashlib
-import json
 import os
-import platform
 import sys
-import tempfile
-from importlib import metadata
-from pathlib import Path
 
-import numpy as np
+# The bundle folder is data until its checksums have been checked: take it off the import path (Python puts the
+# script's folder first) so that no file in it, listed or not, can stand in for a module imported below.
+_FOLDER = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _FOLDER]
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import latency  # noqa: E402  (compressor/bench/latency.py, verbatim)
-import trt_core  # noqa: E402  (compressor/runtime/trt_core.py, verbatim)
+import argparse  # noqa: E402  (standard library only until check_bundle() has passed)
+import datetime  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import tempfile  # noqa: E402
+import types  # noqa: E402
+from importlib import metadata  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+HERE = Path(_FOLDER)
+MODULES = ("latency.py", "trt_core.py")  # compressor/bench/latency.py and compressor/runtime/trt_core.py, verbatim
+COPY_AGAIN = "copy the bundle again (or unpack its .tar.gz afresh)"
+np = latency = trt_core = None  # set by load_checked(), once every file has matched its checksum
 
 
 class Failure(Exception):
@@ -44,6 +51,70 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_bundle() -> tuple[dict, dict[str, bytes]]:
+    """Every file against SHA256SUMS and manifest.json before anything in the bundle is read as data or run as code.
+    Returns the manifest and the checked bytes of MODULES (imported from those same bytes, not read again)."""
+    try:
+        sums_text = (HERE / "SHA256SUMS").read_text(encoding="utf-8")
+        raw = (HERE / "manifest.json").read_bytes()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Failure(f"cannot read the bundle's checksums: {exc}", COPY_AGAIN) from None
+    sums = {}
+    for line in sums_text.splitlines():
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64 or not name:
+            raise Failure(f"SHA256SUMS has a line that is no checksum: {line[:80]!r}", COPY_AGAIN)
+        sums[name] = digest
+    if hashlib.sha256(raw).hexdigest() != sums.get("manifest.json"):
+        raise Failure("manifest.json does not match its checksum in SHA256SUMS", COPY_AGAIN)
+    try:
+        manifest = json.loads(raw)
+        files = manifest["files"]
+        listed = {rel: (info["sha256"], info["size_bytes"]) for rel, info in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise Failure(f"manifest.json is not a bundle manifest ({exc!r})", COPY_AGAIN) from None
+    bad = [f"{m} is not listed in manifest.json" for m in MODULES if m not in listed]
+    bad += [f"{rel} is listed in SHA256SUMS but not in manifest.json" for rel in sums if rel not in listed and rel != "manifest.json"]
+    sources = {}
+    for rel, (digest, size) in listed.items():
+        p = HERE / rel
+        if not isinstance(rel, str) or rel != p.name or rel in ("", ".", ".."):
+            bad.append(f"manifest.json lists {rel!r}, which is not a file name in the bundle")
+        elif sums.get(rel) != digest:
+            bad.append(f"{rel} has another checksum in manifest.json than in SHA256SUMS")
+        elif not p.is_file():
+            bad.append(f"{rel} is missing")
+        elif rel in MODULES:
+            data = p.read_bytes()
+            if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
+                bad.append(f"{rel} does not match its checksum")
+            sources[rel] = data
+        elif p.stat().st_size != size or sha256(p) != digest:
+            bad.append(f"{rel} does not match its checksum")
+    if bad:
+        raise Failure("; ".join(bad), COPY_AGAIN)
+    return manifest, sources
+
+
+def load_checked(sources: dict[str, bytes]) -> None:
+    """Import numpy, then latency.py and trt_core.py from the bytes check_bundle() has just checked."""
+    global np, latency, trt_core
+    try:
+        import numpy
+    except ImportError:
+        raise Failure("numpy is not installed", "pip install numpy") from None
+    np = numpy
+    mods = {}
+    for rel in MODULES:
+        name = rel.removesuffix(".py")
+        mod = types.ModuleType(name)
+        mod.__file__ = str(HERE / rel)
+        sys.modules[name] = mod  # before exec: dataclasses and the like look their module up there
+        exec(compile(sources[rel], mod.__file__, "exec"), mod.__dict__)
+        mods[name] = mod
+    latency, trt_core = mods["latency"], mods["trt_core"]
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Temporary file beside `path`, fsync, rename: never a half-written file under the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,18 +128,6 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def check_files(manifest: dict) -> None:
-    bad = []
-    for rel, info in manifest["files"].items():
-        p = HERE / rel
-        if not p.is_file():
-            bad.append(f"{rel} is missing")
-        elif p.stat().st_size != info["size_bytes"] or sha256(p) != info["sha256"]:
-            bad.append(f"{rel} does not match its checksum")
-    if bad:
-        raise Failure("; ".join(bad), "copy the bundle again (or unpack its .tar.gz afresh)")
 
 
 def _version(pkg: str) -> str | None:
@@ -162,9 +221,7 @@ def infer_all(runner, x: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([np.asarray(runner.infer(np.ascontiguousarray(x[i:i + batch])), np.float32) for i in range(0, len(x), batch)])
 
 
-def run(args) -> dict:
-    manifest = json.loads((HERE / "manifest.json").read_text())
-    check_files(manifest)
+def run(args, manifest: dict) -> dict:
     with np.load(HERE / manifest["heldout"]["file"], allow_pickle=False) as npz:
         x, y, teacher_pred = npz["x"], npz["y"], npz["teacher_pred"]
     bench = dict(manifest["bench"])
@@ -245,7 +302,13 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup-ms", dest="warmup_ms", type=float, help="warm-up milliseconds (default: the host bench's)")
     args = ap.parse_args(argv)
     try:
-        rep = run(args)
+        manifest, sources = check_bundle()  # first of all: nothing from the bundle is read or imported before this
+        load_checked(sources)
+    except Failure as exc:
+        print(f"error: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""), file=sys.stderr)
+        return exc.code
+    try:
+        rep = run(args, manifest)
     except Failure as exc:
         print(f"error: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""), file=sys.stderr)
         return exc.code
@@ -259,7 +322,7 @@ def main(argv=None) -> int:
     for m in rep["models"]:
         print(f"{m['name']:<24} accuracy {m['accuracy'] * 100:6.2f}%  agrees w/ teacher {m['agreement'] * 100:6.2f}%  "
               f"p50 {m['latency_ms']['p50']:.3f} ms  p99 {m['latency_ms']['p99']:.3f} ms")
-    print(f"report: {args.out}\nback on the host: compress report RUN_DIR --merge {args.out.name}")
+    print(f"report: {shlex.quote(str(args.out))}\nback on the host: compress report RUN_DIR --merge {shlex.quote(args.out.name)}")
     return 0
 
 
