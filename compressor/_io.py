@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -152,6 +153,71 @@ def safe_extract(tar_path: str | os.PathLike, dest: str | os.PathLike) -> list[P
     except OSError as exc:
         raise _os_error(exc, root) from None
     return written
+
+
+def read_regular_file(path: str | os.PathLike, what: str, max_bytes: int, *, hint: str | None = None) -> bytes:
+    """The bytes of a small file the user named (a profile, a config, a manifest, a report), or a CompressError saying why not.
+
+    Anything but a regular file is refused before a byte is read: a FIFO would block forever, /dev/zero would fill
+    the memory. The file is opened non-blocking (a FIFO swapped in after the check cannot block either) and at most
+    max_bytes + 1 bytes are read, so a file that grows while it is read is refused too. `what` names the file in
+    messages ("target profile"); hint is added to every message."""
+    p = Path(path)
+    name = f"{what} {p}" if what else str(p)
+
+    def refuse(why: str) -> CompressError:
+        return CompressError(f"{name} {why}", hint=hint)
+
+    def kind(mode: int) -> str | None:
+        if stat.S_ISREG(mode):
+            return None
+        if stat.S_ISDIR(mode):
+            return "is a folder, not a file"
+        special = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
+            "a socket" if stat.S_ISSOCK(mode) else "a special file"
+        return f"is not a regular file ({special})"
+
+    try:
+        why = kind(os.stat(p).st_mode)
+        if why:
+            raise refuse(why)
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise refuse("does not exist") from None
+    except PermissionError:
+        raise refuse("cannot be read: permission denied") from None
+    except OSError as exc:  # a name too long, a loop of links, a file on its path, ...
+        raise refuse(f"cannot be read: {exc.strerror or exc}") from None
+    too_large = refuse(f"is larger than {_size_text(max_bytes)}; refusing to read it")
+    try:
+        st = os.fstat(fd)
+        why = kind(st.st_mode)  # what was opened, whatever the name pointed at when it was checked
+        if why:
+            raise refuse(why)
+        if st.st_size > max_bytes:
+            raise too_large
+        chunks, left = [], max_bytes + 1
+        while left > 0:
+            block = os.read(fd, min(left, 1 << 20))
+            if not block:
+                break
+            chunks.append(block)
+            left -= len(block)
+    except OSError as exc:
+        raise refuse(f"cannot be read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > max_bytes:
+        raise too_large
+    return data
+
+
+def _size_text(n: int) -> str:
+    for unit, shift in (("GB", 30), ("MB", 20), ("kB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):g} {unit}"
+    return f"{n} bytes"
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

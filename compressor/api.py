@@ -21,9 +21,11 @@ def _say(msg: str) -> None:
     log.info(msg)
 
 
-def _open_stage(run_dir, stage: str, config, force: bool) -> tuple[Run, bool]:
-    """Open a run for one stage with its (optionally changed) config; True when the stage is already done."""
+def _open_stage(run_dir, stage: str, config, force: bool, trust: bool = False) -> tuple[Run, bool]:
+    """Open a run for one stage with its (optionally changed) config; True when the stage is already done.
+    trust: the stage may run code the run folder names when it has no code-free copy of it (Run.trust)."""
     run = Run.open(run_dir)
+    run.trust = trust
     if config is not None:
         run.set_stage_config(stage, config)
     return run, _skip(run, stage, force)
@@ -67,6 +69,7 @@ def distill(cfg: CompressConfig, out: str | Path | None = None, *, force: bool =
 
 def _distill_locked(cfg: CompressConfig, path: Path, force: bool, resume: bool) -> Run:
     run = Run.create(path, cfg)
+    run.live = True  # the teacher and the student come from this command line: their code may run (see Run.teacher)
     if _skip(run, "distill", force):
         return run
     prev = run.manifest["stages"].get("distill", {})
@@ -97,7 +100,7 @@ def _distill(run: Run, resume: bool) -> tuple[dict, dict]:
     from .distill import blackbox
 
     if blackbox.wanted(dcfg, run.config.teacher):  # a budget, non-logits answers, or a callable/command teacher
-        return blackbox.distill_blackbox(run, resume)
+        return _save_code_free(run, *blackbox.distill_blackbox(run, resume))
     teacher, ds = run.teacher, run.data
     probe = teacher.logits(ds.x[:2])
     run.check_data_fits_teacher(probe)
@@ -122,6 +125,10 @@ def _distill(run: Run, resume: bool) -> tuple[dict, dict]:
              f"quantizes ({preflight['recipe']}) in {preflight['seconds']:.1f} s")
     # Function matching and hints need the teacher on every (augmented) batch; otherwise its outputs for the
     # whole pool are computed once, cached in the run directory and memory-mapped by later runs and --resume.
+    from .models.outputs import output_note, resolve_teacher_output
+
+    # logits or probabilities (--teacher-output, else detected on a sample): probabilities are read as their log from here on
+    teacher_output = resolve_teacher_output(teacher, ds.x, dcfg.teacher_output)
     online = _teacher_online(dcfg)
     pool_logits, teacher_seconds = (None, 0.0) if online else _teacher_pool_logits(run, teacher, ds, dcfg)
 
@@ -172,9 +179,137 @@ def _distill(run: Run, resume: bool) -> tuple[dict, dict]:
     results["teacher_pass_seconds"] = round(teacher_seconds or 0.0, 3)
     results["teacher_pass"] = "online" if online else "cached" if teacher_seconds is None else "computed"
     results["teacher_online"] = online
+    results["teacher_output"] = teacher_output
+    results["notes"] = [n for n in [output_note(teacher_output)] if n]  # bench/report.py adds them to the report's notes
     results.update(student_record=record, num_classes=num_classes, preflight=preflight, val_rows=int(len(val)), params=int(sum(p.numel() for p in student.parameters())),
                    teacher_params=teacher_params, teacher_format=teacher.format, data=ds.summary())
+    return _save_code_free(run, outputs, results)
+
+
+def _save_code_free(run: Run, outputs: dict, results: dict) -> tuple[dict, dict]:
+    """A run folder is data: later stages never run code it names (Run.teacher, Run.load_trained). So the distill
+    stage saves what they need in forms that load without running Python code: a TorchScript copy of each trained
+    module and of a teacher that came as code (a state dict with --teacher-arch, a --trust pickle), each checked to
+    give the original's outputs; the teacher's class for each held-out row (teacher_heldout.npz); the teacher's input
+    shape; and for a black box (a callable or a command) its bench row, since it is never queried again."""
+    import json
+
+    from ._io import atomic_path, is_writer, sha256_json
+    from .run import COPY_SUFFIX, TEACHER_COPY, TEACHER_HELDOUT
+
+    teacher, ds = run.teacher, run.data
+    shape = teacher.input_shape
+    results["teacher_input_shape"] = None if shape is None else [d if isinstance(d, int) else None for d in shape]
+    if not is_writer():  # under torchrun only rank 0 writes
+        return outputs, results
+    copies = {}
+    jobs = [(name, f"{name}_torchscript", f"{name}{COPY_SUFFIX}") for name in ("student", "baseline") if name in outputs]
+    if teacher.format in ("state_dict", "pickle"):
+        jobs.append(("teacher", "teacher_torchscript", TEACHER_COPY))
+    for name, key, filename in jobs:
+        module = teacher.to("cpu").module if name == "teacher" else run._rebuild_trained(name, results["student_record"], results["num_classes"])
+        why = _torchscript_copy(module, ds, run.path(filename))
+        copies[name] = filename if why is None else f"none: {why}"
+        if why is None:
+            outputs[key] = filename
+        else:
+            _say(f"distill: no code-free copy of the {name} ({why}); later stages need --trust to rebuild it from its code")
+    bcfg = run.config.bench
+    blackbox = hasattr(teacher, "answers")
+    path = run.path(TEACHER_HELDOUT)
+    # a rerun with the same teacher and data reuses the answers: a black box's calls may cost money
+    key = sha256_json([run.manifest["inputs"], run.config.data.to_dict(), results["num_classes"], blackbox])
+    cached = _read_heldout(path, key, len(ds.y_test))
+    if cached is not None:
+        pred, row = cached
+        queries = {"rows": 0, "calls": 0, "cached": True}
+    elif blackbox:  # measured once, here, the way bench measures a black box (runner_bench.teacher_row)
+        from .bench.runner_bench import teacher_row
+
+        rows0, calls0 = teacher.rows, teacher.calls
+        row, pred, _, _ = teacher_row(run, teacher, bcfg, results["num_classes"])
+        queries = {"rows": teacher.rows - rows0, "calls": teacher.calls - calls0, "cached": False}
+    else:
+        pred, row = teacher.to("cpu").logits(ds.x_test, batch_size=bcfg.eval_batch_size).argmax(1), None
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, pred=np.asarray(pred, np.int64), key=np.array(key), row=np.array(json.dumps(row)))
+    outputs["teacher_heldout"] = TEACHER_HELDOUT
+    results["code_free"] = {**copies, "teacher_heldout": TEACHER_HELDOUT}
+    if blackbox:
+        results["teacher_row"] = row
+        results["teacher_heldout_queries"] = queries
     return outputs, results
+
+
+def _read_heldout(path: Path, key: str, rows: int):
+    """(pred, row) from an earlier teacher_heldout.npz written for the same key, or None."""
+    import json
+
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) != key or z["pred"].shape != (rows,):
+                return None
+            return z["pred"].astype(np.int64), json.loads(str(z["row"]))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _torchscript_copy(module, ds, path: Path) -> str | None:
+    """Save a TorchScript copy of module at path (traced, else scripted) that gives its outputs on batches of other sizes
+    than the trace's; None when saved, else why not."""
+    import torch
+
+    from ._io import atomic_path
+
+    module = module.eval().cpu()
+    x = np.ascontiguousarray(ds.x[:4])
+    checks = [np.ascontiguousarray(a) for a in (ds.x[:1], ds.x[:3], ds.x_test[:64]) if len(a)]
+
+    def first(y):
+        return y[0] if isinstance(y, (tuple, list)) else y
+
+    def same(copy) -> str | None:
+        with torch.no_grad():
+            for xb in checks:
+                ref, got = first(module(torch.from_numpy(xb))), first(copy(torch.from_numpy(xb)))
+                if not (isinstance(got, torch.Tensor) and got.shape == ref.shape):
+                    return f"it returns {tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__} on a batch of {len(xb)}"
+                atol = 1e-4 * max(1.0, float(ref.abs().max()))
+                if not torch.allclose(got.float(), ref.float(), rtol=1e-3, atol=atol):
+                    return f"its outputs differ by up to {float((got.float() - ref.float()).abs().max()):.3g} on a batch of {len(xb)}"
+        return None
+
+    reasons = []
+    for how in ("trace", "script"):
+        try:
+            import warnings
+
+            fastpath = torch.backends.mha.get_fastpath_enabled()
+            # without the fused attention fast path: a trace would record its aten::_transformer_encoder_layer_fwd,
+            # which no ONNX exporter knows (the exporters, given the module, take the plain path too)
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    copy = (torch.jit.trace(module, torch.from_numpy(x), check_trace=False, strict=False) if how == "trace"
+                            else torch.jit.script(module))
+            finally:
+                torch.backends.mha.set_fastpath_enabled(fastpath)
+            why = same(copy)
+            if why is None:
+                with atomic_path(path) as tmp:
+                    torch.jit.save(copy, str(tmp))
+                why = same(torch.jit.load(str(path), map_location="cpu").eval())  # what later stages will load
+            if why is None:
+                return None
+        except Exception as exc:
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        reasons.append(f"{how}: {why}")
+        path.unlink(missing_ok=True)
+    return "; ".join(reasons)
 
 
 def _teacher_online(dcfg) -> bool:
@@ -192,11 +327,15 @@ def _teacher_pool_logits(run: Run, teacher, ds, dcfg) -> tuple[np.ndarray, float
     from ._io import sha256_json
 
     cache = run.path("cache/teacher_pool_logits.npy")
-    # the outputs depend on the teacher and the data only: a rerun with another loss, T or schedule reuses them
-    key = sha256_json([run.manifest["inputs"], run.config.data.to_dict()])
+    # the outputs depend on the teacher, the data and how its outputs are read (--teacher-output) only: a rerun with
+    # another loss, T or schedule reuses them
+    key = sha256_json([run.manifest["inputs"], run.config.data.to_dict(), dcfg.teacher_output])
     key_file = cache.with_suffix(".key")
     if cache.exists() and key_file.exists() and key_file.read_text() == key:
         return np.load(cache, mmap_mode="r"), None
+    from .models.outputs import resolve_teacher_output
+
+    resolve_teacher_output(teacher, ds.x, dcfg.teacher_output)  # done once per teacher (already, in the distill stage)
     _say(f"distill: running the teacher ({teacher.format}) on {len(ds.x)} training rows")
     t0 = time.perf_counter()
     pool_logits = teacher.to(pick_device(dcfg.device)).logits(ds.x, batch_size=4 * dcfg.batch_size)
@@ -268,7 +407,7 @@ def _check_student_output(student, x: np.ndarray, num_classes: int, spec) -> Non
 
 # ---------------------------------------------------------------------------------------------
 @_locked
-def export(run_dir: str | Path, config: ExportConfig | None = None, *, force: bool = False) -> Run:
+def export(run_dir: str | Path, config: ExportConfig | None = None, *, force: bool = False, trust: bool = False) -> Run:
     """Export the trained student to ONNX FP32, simplify it (onnxslim), and check every graph against PyTorch."""
     import torch
 
@@ -277,13 +416,13 @@ def export(run_dir: str | Path, config: ExportConfig | None = None, *, force: bo
     from .export.op_support import check_runtime_ops
     from .export.simplify import simplify_onnx
 
-    run, done = _open_stage(run_dir, "export", config, force)
+    run, done = _open_stage(run_dir, "export", config, force, trust)
     if done:
         return run
     cfg = run.config.export
     out = run.path("student.onnx")
     with run.running("export"):
-        student = run.load_trained("student")
+        student = run.load_trained("student", eager=run.trust)  # --trust: from its code; else built in, or its TorchScript copy
         names = [n for n, _ in student.named_modules()]
         opset = cfg.opset or run.target["runtime"]["onnx_opset"]
         x = run.data.x_test[: cfg.check_rows]
@@ -313,8 +452,12 @@ def export(run_dir: str | Path, config: ExportConfig | None = None, *, force: bo
                     finally:
                         simp.unlink(missing_ok=True)
                 runtime = check_runtime_ops(tmp, run.target, opset, names, produced_by=checks[-1]["transformation"])
-        except CompressError:
+        except CompressError as exc:
             out.unlink(missing_ok=True)  # a forced redo that fails leaves no student.onnx from an earlier export
+            if isinstance(student, torch.jit.ScriptModule):  # the run's code-free copy; the code itself may export
+                raise CompressError(exc.message, hint=(f"{exc.hint}; " if exc.hint else "") + "this was the student's TorchScript copy "
+                                    "(later stages do not run code a run folder names): pass --trust to export it from its code, "
+                                    "for a run folder you trust", kind=exc.kind) from None
             raise
     final = dict(checks[-1])
     # "check" is the shipped graph's (what the report shows); "checks" has one entry per transformation
@@ -359,7 +502,7 @@ def _onnx_check(path: Path, ref: np.ndarray, x: np.ndarray, cfg: ExportConfig, t
 
 # ---------------------------------------------------------------------------------------------
 @_locked
-def quantize(run_dir: str | Path, config: QuantizeConfig | None = None, *, force: bool = False) -> Run:
+def quantize(run_dir: str | Path, config: QuantizeConfig | None = None, *, force: bool = False, trust: bool = False) -> Run:
     """INT8 (and, where the target takes it, FP16) flavours of the ONNX student. INT8: every candidate recipe of the
     target's is calibrated on the user's rows, judged on a validation split and timed on this CPU; the fastest within
     --int8-tolerance wins. When none is within it, the most sensitive nodes are kept in float until it is, and when even
@@ -369,7 +512,7 @@ def quantize(run_dir: str | Path, config: QuantizeConfig | None = None, *, force
     from .export.quantize import auto_candidates, get_recipe, preprocess, scratch_dir, to_fp16
     from .export.tolerance import Validation, choose_int8, evaluate
 
-    run, done = _open_stage(run_dir, "quantize", config, force)
+    run, done = _open_stage(run_dir, "quantize", config, force, trust)
     if done:
         return run
     cfg = run.config.quantize
@@ -452,12 +595,12 @@ def _op_counts(ops: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------
 @_locked
-def bench(run_dir: str | Path, config: BenchConfig | None = None, *, force: bool = False) -> dict:
+def bench(run_dir: str | Path, config: BenchConfig | None = None, *, force: bool = False, trust: bool = False) -> dict:
     """Measure accuracy, agreement with the teacher, latency, size and parameters of every variant; write report.json."""
     from .bench.report import build_report, load_report
     from .bench.runner_bench import bench_models, preprocessing_time
 
-    run, done = _open_stage(run_dir, "bench", config, force)
+    run, done = _open_stage(run_dir, "bench", config, force, trust)
     if done:
         return load_report(run.path("report.json"))
     cfg = run.config.bench
@@ -545,8 +688,10 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, *, force: bool 
     with run_lock(path):  # one lock over every stage: no other process writes between them
         run = distill(cfg, path, force=force, resume=resume)
         # a forced or redone distill makes the later stages stale through their fingerprints
-        export(run.dir, force=force)
-        quantize(run.dir, force=force)
-        rep = bench(run.dir, force=force)
+        # trust=True: the code the run names (a student factory, a --teacher-arch) is what this call was given; it runs
+        # only where distill could not save a code-free copy (a black-box teacher never runs after distill)
+        export(run.dir, force=force, trust=True)
+        quantize(run.dir, force=force, trust=True)
+        rep = bench(run.dir, force=force, trust=True)
         report(run.dir, html=True)
     return rep

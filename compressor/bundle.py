@@ -79,7 +79,7 @@ def _preprocessing(run: Run, ds) -> dict:
     if kind == "image_folder":
         c, h, w = ds.input_shape
         out.update(image_size=[h, w], channels=c, layout="NCHW", steps=[
-            f"convert to {'grayscale (L)' if c == 1 else 'RGB'}", f"resize to {h}x{w} (bilinear) if needed", "scale pixels to [0, 1] (divide by 255)",
+            f"convert to {'grayscale (L)' if c == 1 else 'RGB'}", f"resize to {h}x{w} (bilinear) if needed", "scale pixels to [0, 1] (divide by 255; 16-bit greyscale by 65535)",
             *(["subtract mean, divide by std (per channel)"] if cfg.mean is not None or cfg.std is not None else [])])
     else:
         out.update(layout="rows as stored", steps=["none: rows go in exactly as stored in the training data; prepare device inputs the same way"])

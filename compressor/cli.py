@@ -3,6 +3,7 @@ Heavy libraries (torch, onnxruntime) are imported only when a command runs, so -
 from __future__ import annotations
 
 import logging
+import math
 import shlex
 import signal
 import sys
@@ -66,7 +67,32 @@ def _log_to(run_dir: Path) -> None:
     log.addHandler(fh)
 
 
-def _list(value: str | None, kind=float, n: int | None = None, flag: str = ""):
+class _Finite(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf: click lets nan through every bound and inf through a minimum,
+    and a non-finite value would only fail later (a config is JSON without NaN) as an internal error."""
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
+
+
+# sane caps: a value beyond them is a typo, and would otherwise fail deep inside a library (int32 thread counts,
+# tensor sizes) as an internal error, or run for ever
+SEED_MAX = 2**32 - 1  # numpy and torch seeds; negative seeds are refused by numpy
+IMAGE_SIDE_MAX = 16384
+BATCH_MAX = 1 << 20
+STEPS_MAX = 10**9
+THREADS_MAX = 1024
+
+
+def _q(path) -> str:
+    """A path as the shell reads it back: printed hints are pasted into shells."""
+    return shlex.quote(str(path))
+
+
+def _list(value: str | None, kind=float, n: int | None = None, flag: str = "", lo=None, hi=None):
     if value is None:
         return None
     try:
@@ -75,7 +101,44 @@ def _list(value: str | None, kind=float, n: int | None = None, flag: str = ""):
         raise click.BadParameter(f"expected comma-separated numbers, got {value!r}", param_hint=flag) from None
     if n is not None and len(out) != n:
         raise click.BadParameter(f"expected {n} values, got {value!r}", param_hint=flag)
+    if not out:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}", param_hint=flag)
+    for v in out:
+        if not math.isfinite(v):
+            raise click.BadParameter(f"{v} in {value!r} is not a finite number", param_hint=flag)
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise click.BadParameter(f"{v} in {value!r} is not in {lo if lo is not None else ''}..{hi if hi is not None else ''}", param_hint=flag)
     return out
+
+
+def _check_image_size(ctx, param, value):
+    """HxW, each side 1..IMAGE_SIDE_MAX (checked at parse time; the value stays the text)."""
+    _list(value, int, 2, "--image-size", lo=1, hi=IMAGE_SIDE_MAX)
+    return value
+
+
+def _check_norm(ctx, param, value):
+    """--mean/--std: 1 to 3 finite values (one per channel, or one for all); std > 0."""
+    flag = "--" + param.name
+    vals = _list(value, float, flag=flag)
+    if vals is None:
+        return None
+    if len(vals) > 3:
+        raise click.BadParameter(f"expected 1 value (every channel) or 1 per channel (at most 3), got {len(vals)}", ctx=ctx, param=param)
+    if param.name == "std" and any(v <= 0 for v in vals):
+        raise click.BadParameter(f"every std must be > 0 (pixels are divided by it), got {value!r}", ctx=ctx, param=param)
+    return value
+
+
+def _check_norm_channels(kw: dict) -> None:
+    """--mean/--std against --channels and each other, where both are known."""
+    counts = {f"--{k}": len(_list(kw[k])) for k in ("mean", "std") if kw[k] is not None}
+    if kw["channels"] is not None:
+        for flag, n in counts.items():
+            if n not in (1, kw["channels"]):
+                raise click.BadParameter(f"{n} values for --channels {kw['channels']}; give 1 or {kw['channels']}", param_hint=flag)
+    if len(counts) == 2 and 1 not in counts.values() and len(set(counts.values())) > 1:
+        raise click.BadParameter(f"--mean has {counts['--mean']} values but --std has {counts['--std']}; give one per channel to both", param_hint="--std")
 
 
 def _check_teacher_output(ctx, param, value):
@@ -96,9 +159,9 @@ def pipeline_options(fn):
         click.option("--teacher", type=str, help="Trained model: TorchScript, torch.export .pt2, ONNX, or a state dict (with --teacher-arch); or a black box: file.py:fn / package.module:fn, a Python function from a numpy batch to a numpy answer. Default: the built-in demo teacher."),
         click.option("--teacher-arch", type=str, help="file.py:factory (or package.module:factory) building the module for a state-dict teacher."),
         click.option("--teacher-cmd", type=str, help="A black-box teacher as a command, e.g. \"python ask_api.py\": run once per batch (no shell), it reads the batch as .npy bytes on stdin and writes its answer as .npy bytes on stdout."),
-        click.option("--teacher-output", type=str, callback=_check_teacher_output, help="What the teacher answers: logits (default), probs, topk:K (scores of which only each row's K largest count) or label ((N,) class ids, or the argmax of scores)."),
-        click.option("--query-budget", type=click.IntRange(min=1), help="At most this many rows are sent to the teacher, spent in --query-rounds rounds on the rows the student is least sure of (default: every training row, once)."),
-        click.option("--query-rounds", type=click.IntRange(min=1), help=f"Rounds the --query-budget is spent in: a stratified random sample first, then the least certain rows (default {DistillConfig.query_rounds})."),
+        click.option("--teacher-output", type=str, callback=_check_teacher_output, help="What the teacher answers: auto (default: probabilities when every sampled row is >= 0 and sums to 1, read as their log; else logits), logits (as they are, no detection), probs, topk:K (scores of which only each row's K largest count) or label ((N,) class ids, or the argmax of scores)."),
+        click.option("--query-budget", type=click.IntRange(1, 10**12), help="At most this many rows are sent to the teacher, spent in --query-rounds rounds on the rows the student is least sure of (default: every training row, once)."),
+        click.option("--query-rounds", type=click.IntRange(1, 1000), help=f"Rounds the --query-budget is spent in: a stratified random sample first, then the least certain rows (default {DistillConfig.query_rounds})."),
         click.option("--query-strategy", type=click.Choice(["margin", "entropy"]), help="How later rounds pick rows: margin (smallest top-1 minus top-2 probability, default) or entropy (highest)."),
         click.option("--trust", is_flag=True, help="Allow loading a whole pickled module (runs code from the file: only for files you trust)."),
         click.option("--target", default="jetson", show_default=True, help="Device profile name or alias (see 'compress targets'), or a path to your own .toml."),
@@ -108,34 +171,35 @@ def pipeline_options(fn):
         click.option("--output", "output_key", type=str, help="For a student returning a tuple or dict: the index or key of its class scores (default: the first entry)."),
         click.option("--skip-preflight", is_flag=True, help="Do not export and quantize the untrained student before training (the preflight takes seconds and fails early on a student that cannot ship)."),
         click.option("--out", type=click.Path(path_type=Path), help="Run directory for every artifact and the report. Default: runs/<timestamp>."),
-        click.option("--image-size", type=str, help="HxW for image folders, e.g. 32x32 (default: the teacher's input, else the first image's)."),
+        click.option("--image-size", type=str, callback=_check_image_size, help="HxW for image folders, e.g. 32x32 (default: the teacher's input, else the first image's)."),
         click.option("--channels", type=click.IntRange(1, 3), help="1 (grayscale) or 3 (RGB) for image folders."),
-        click.option("--mean", type=str, help="Per-channel mean to subtract after scaling pixels to [0,1], e.g. 0.485,0.456,0.406."),
-        click.option("--std", type=str, help="Per-channel std to divide by after --mean."),
-        click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help=f"Passes over the training pool (default {DistillConfig.epochs:g}, and at least {DistillConfig.min_steps} steps)."),
-        click.option("--steps", type=click.IntRange(min=1), help="Optimiser steps (overrides --epochs)."),
-        click.option("--batch-size", type=click.IntRange(min=1), help=f"Training batch size (default {DistillConfig.batch_size})."),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), help=f"Peak learning rate for AdamW (default {DistillConfig.lr:g})."),
-        click.option("--temperature", "-T", type=click.FloatRange(min=0, min_open=True), help=f"Softmax temperature of the KD term (default {DistillConfig.temperature:g})."),
-        click.option("--alpha", type=click.FloatRange(0, 1), help=f"Weight of the KD term on labeled rows (default {DistillConfig.alpha:g})."),
+        click.option("--max-image-pixels", type=click.IntRange(min=1), help=f"Image folders: refuse an image (or an --image-size) with more pixels than this, a guard against decompression bombs (default {DataConfig.max_image_pixels:,}, PIL's)."),
+        click.option("--mean", type=str, callback=_check_norm, help="Per-channel mean to subtract after scaling pixels to [0,1], e.g. 0.485,0.456,0.406."),
+        click.option("--std", type=str, callback=_check_norm, help="Per-channel std to divide by after --mean."),
+        click.option("--epochs", type=_Finite(min=0, max=1e6, min_open=True), help=f"Passes over the training pool (default {DistillConfig.epochs:g}, and at least {DistillConfig.min_steps} steps)."),
+        click.option("--steps", type=click.IntRange(1, STEPS_MAX), help="Optimiser steps (overrides --epochs)."),
+        click.option("--batch-size", type=click.IntRange(1, BATCH_MAX), help=f"Training batch size (default {DistillConfig.batch_size})."),
+        click.option("--lr", type=_Finite(min=0, min_open=True), help=f"Peak learning rate for AdamW (default {DistillConfig.lr:g})."),
+        click.option("--temperature", "-T", type=_Finite(min=0, min_open=True), help=f"Softmax temperature of the KD term (default {DistillConfig.temperature:g})."),
+        click.option("--alpha", type=_Finite(0, 1), help=f"Weight of the KD term on labeled rows (default {DistillConfig.alpha:g})."),
         click.option("--loss", type=str, help=f"Distillation loss: kd (Hinton), dkd (decoupled KD), dist (DIST, Pearson relations), labels (no teacher), or another registered loss (compressor.distill.losses) (default {DistillConfig.loss})."),
         click.option("--logit-standardize/--no-logit-standardize", default=None, help="kd/dkd: z-score each row's logits before the temperature (default off)."),
-        click.option("--search", type=click.IntRange(min=0), help="Try N settings of loss, temperature, alpha, logit standardization, lr and augment (Optuna TPE; trial 0 is your own), each trained briefly and scored on the validation split; then train the student with the best (default 0: off)."),
-        click.option("--search-steps", type=click.IntRange(min=1), help="Steps per search trial (default: a quarter of the full budget, at least 200)."),
+        click.option("--search", type=click.IntRange(0, 10000), help="Try N settings of loss, temperature, alpha, logit standardization, lr and augment (Optuna TPE; trial 0 is your own), each trained briefly and scored on the validation split; then train the student with the best (default 0: off)."),
+        click.option("--search-steps", type=click.IntRange(1, STEPS_MAX), help="Steps per search trial (default: a quarter of the full budget, at least 200)."),
         click.option("--augment", type=click.Choice(["none", "auto", "signal", "image", "image-noflip"]), help="Function matching: teacher and student see the same augmented view (auto: by the data's shape; default none)."),
-        click.option("--mixup", type=click.FloatRange(min=0), help="Beta(a,a) mixup across pool rows, teacher outputs on the blend as the target (0 = off)."),
-        click.option("--cutmix", type=click.FloatRange(min=0), help="Beta(a,a) cutmix for images (0 = off)."),
+        click.option("--mixup", type=_Finite(min=0), help="Beta(a,a) mixup across pool rows, teacher outputs on the blend as the target (0 = off)."),
+        click.option("--cutmix", type=_Finite(min=0), help="Beta(a,a) cutmix for images (0 = off)."),
         click.option("--hint", type=str, help="STUDENT_LAYER=TEACHER_LAYER: also match these activations (eager teachers only, e.g. a state dict with --teacher-arch)."),
-        click.option("--hint-weight", type=click.FloatRange(min=0), help=f"Weight of the hint term (default {DistillConfig.hint_weight:g})."),
-        click.option("--nproc-per-node", type=click.IntRange(min=1), help="Train with DistributedDataParallel over this many local processes (torchrun; gloo on CPU, NCCL on GPUs)."),
+        click.option("--hint-weight", type=_Finite(min=0), help=f"Weight of the hint term (default {DistillConfig.hint_weight:g})."),
+        click.option("--nproc-per-node", type=click.IntRange(1, THREADS_MAX), help="Train with DistributedDataParallel over this many local processes (torchrun; gloo on CPU, NCCL on GPUs)."),
         click.option("--amp-dtype", type=click.Choice(["bf16", "fp16"]), help="Mixed-precision type on CUDA (default bf16)."),
         click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the student (CUDA only)."),
         click.option("--baseline/--no-baseline", default=None, help="Also train the student on labels alone with the same budget (default: on for the built-in example)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train (default auto: CUDA when present)."),
-        click.option("--seed", type=int, help="Seed for splits, initialisation and batch order (default 0)."),
+        click.option("--seed", type=click.IntRange(0, SEED_MAX), help=f"Seed for splits, initialisation and batch order, 0..{SEED_MAX} (default 0)."),
         click.option("--force", is_flag=True, help="Redo stages that already finished in --out."),
         click.option("--resume", is_flag=True, help="Continue an interrupted distillation from its last checkpoint."),
-        click.option("--int8-tolerance", type=click.FloatRange(min=0), help=f"Accuracy points INT8 may lose against FP32 on a validation split (default {QuantizeConfig.int8_tolerance:g}); beyond it, sensitive nodes stay float, then quantization-aware distillation."),
+        click.option("--int8-tolerance", type=_Finite(0, 100), help=f"Accuracy points INT8 may lose against FP32 on a validation split (default {QuantizeConfig.int8_tolerance:g}); beyond it, sensitive nodes stay float, then quantization-aware distillation."),
         click.option("--simplify/--no-simplify", default=None, help="Simplify the exported ONNX graph with onnxslim, checked against PyTorch like the export (default on)."),
     ]
     for o in reversed(opts):
@@ -144,10 +208,15 @@ def pipeline_options(fn):
 
 
 def _config_from(kw: dict) -> CompressConfig:
+    _check_norm_channels(kw)
     data = DataConfig().replace(source=kw["data"], eval_source=kw["eval_data"], image_size=_list(kw["image_size"], int, 2, "--image-size"),
-                                channels=kw["channels"], mean=_list(kw["mean"]), std=_list(kw["std"]), seed=kw["seed"])
+                                channels=kw["channels"], mean=_list(kw["mean"]), std=_list(kw["std"]), seed=kw["seed"],
+                                max_image_pixels=kw["max_image_pixels"])
     if kw["teacher"] and kw["teacher_cmd"]:
         raise click.UsageError("give either --teacher or --teacher-cmd, not both")
+    if kw["teacher"] and kw["teacher"].startswith("cmd:"):  # only --teacher-cmd names a command (and says so on the command line)
+        raise CompressError(f"--teacher '{kw['teacher'][:80]}' names a command, which --teacher does not run",
+                            hint=f"give a command teacher with --teacher-cmd \"{kw['teacher'][4:][:80]}\"")
     teacher = f"cmd:{kw['teacher_cmd']}" if kw["teacher_cmd"] else kw["teacher"]  # a command teacher is stored as 'cmd:…'
     baseline = kw["baseline"] if kw["baseline"] is not None else teacher is None
     distill = DistillConfig().replace(student=kw["student"], output=kw["output_key"], epochs=kw["epochs"], steps=kw["steps"], batch_size=kw["batch_size"], lr=kw["lr"],
@@ -204,7 +273,7 @@ def run_cmd(**kw):
     _log_to_after_create(out, cfg)
     rep = compress(cfg, out, force=kw["force"], resume=kw["resume"])
     print_table(rep)
-    click.echo(f"report: {out / 'report.md'}, {out / 'report.html'} and {out / 'report.json'}")
+    click.echo(f"report: {_q(out / 'report.md')}, {_q(out / 'report.html')} and {_q(out / 'report.json')}")
 
 
 @cli.command("distill")
@@ -223,7 +292,7 @@ def distill_cmd(**kw):
     _log_to_after_create(out, cfg)
     run = distill(cfg, out, force=kw["force"], resume=kw["resume"])
     if is_writer():  # under torchrun, rank 0 speaks for the job
-        click.echo(f"student: {run.dir / 'student.pt'}")
+        click.echo(f"student: {_q(run.dir / 'student.pt')}")
 
 
 @cli.command("distill-worker", hidden=True)
@@ -259,43 +328,47 @@ def _log_to_after_create(out: Path, cfg: CompressConfig) -> None:
 
 run_dir_arg = click.argument("run_dir", type=click.Path(path_type=Path))
 int8_tolerance_opt = click.option(
-    "--int8-tolerance", type=click.FloatRange(min=0), help=f"Accuracy points INT8 may lose against FP32 on a validation split of your "
+    "--int8-tolerance", type=_Finite(0, 100), help=f"Accuracy points INT8 may lose against FP32 on a validation split of your "
     f"training rows (default {QuantizeConfig.int8_tolerance:g}); when it loses more, sensitive nodes stay in float, then the student is fine-tuned with fake quantization.")
 force_opt = click.option("--force", is_flag=True, help="Redo the stage even if it already finished.")
+trust_later_opt = click.option("--trust", is_flag=True, help="Run code the run folder names (a student factory, a --teacher-arch, a pickled teacher) "
+                               "where distill saved no code-free copy of it: only for run folders you trust. A black-box teacher never runs again.")
 
 
 @cli.command("export")
 @run_dir_arg
 @click.option("--opset", type=click.IntRange(13, 23), help="ONNX opset (default: the target profile's).")
-@click.option("--atol", type=click.FloatRange(min=0, min_open=True), help=f"Tolerance on max |ONNX - PyTorch| (default {ExportConfig.atol:g}).")
+@click.option("--atol", type=_Finite(min=0, min_open=True), help=f"Tolerance on max |ONNX - PyTorch| (default {ExportConfig.atol:g}).")
 @click.option("--simplify/--no-simplify", default=None, help="Simplify the graph with onnxslim, checked against PyTorch like the export (default: as the run was set up, on).")
 @force_opt
-def export_cmd(run_dir, opset, atol, simplify, force):
+@trust_later_opt
+def export_cmd(run_dir, opset, atol, simplify, force, trust):
     """Export the trained student to ONNX, simplify it, and check every graph against PyTorch (stage 2)."""
     from .api import export
     from .run import Run
 
     _log_to(run_dir)
     cfg = Run.open(run_dir).config.export.replace(opset=opset, atol=atol, simplify=simplify)
-    export(run_dir, cfg, force=force)
+    export(run_dir, cfg, force=force, trust=trust)
 
 
 @cli.command("quantize")
 @run_dir_arg
 @click.option("--recipe", help="INT8 recipe (default: the target's): tensorrt, cpu-u8s8, cpu-s8s8, cpu-u8s8-reduced, cpu-dynamic, cpu-dynamic-reduced, "
               "or cpu-auto (each tried on this CPU, the fastest within --int8-tolerance kept).")
-@click.option("--calibration-rows", type=click.IntRange(min=1), help=f"Rows of your data used to calibrate (default {QuantizeConfig.calibration_rows}).")
+@click.option("--calibration-rows", type=click.IntRange(1, 10**7), help=f"Rows of your data used to calibrate (default {QuantizeConfig.calibration_rows}).")
 @click.option("--calibrate-method", type=click.Choice(["minmax", "entropy", "percentile"]))
 @click.option("--per-channel/--per-tensor", "per_channel", default=None, help="Weight scales per output channel (default) or per tensor.")
 @int8_tolerance_opt
-@click.option("--max-float-nodes", type=click.IntRange(min=0), help=f"When INT8 misses the tolerance: keep at most this many of the most sensitive nodes in float (default {QuantizeConfig.max_float_nodes}; 0 = off).")
-@click.option("--qat-steps", type=click.IntRange(min=0), help=f"When it still misses: steps of quantization-aware distillation against the teacher (default {QuantizeConfig.qat_steps}; 0 = off).")
+@click.option("--max-float-nodes", type=click.IntRange(0, 100000), help=f"When INT8 misses the tolerance: keep at most this many of the most sensitive nodes in float (default {QuantizeConfig.max_float_nodes}; 0 = off).")
+@click.option("--qat-steps", type=click.IntRange(0, STEPS_MAX), help=f"When it still misses: steps of quantization-aware distillation against the teacher (default {QuantizeConfig.qat_steps}; 0 = off).")
 @click.option("--exclude-nodes", help="Comma-separated ONNX node names to keep in float from the start.")
 @click.option("--fp16/--no-fp16", default=None, help="Also write an FP16 model (default: when the target lists fp16).")
 @click.option("--fp16-io", is_flag=True, help="The FP16 model takes and returns float16 (default: float32 in and out).")
 @force_opt
+@trust_later_opt
 def quantize_cmd(run_dir, recipe, calibration_rows, calibrate_method, per_channel, int8_tolerance, max_float_nodes, qat_steps, exclude_nodes,
-                 fp16, fp16_io, force):
+                 fp16, fp16_io, force, trust):
     """Quantize the ONNX student to INT8 Q/DQ (and FP16), calibrated on your data, within an accuracy tolerance (stage 3)."""
     from .api import quantize
     from .run import Run
@@ -306,29 +379,33 @@ def quantize_cmd(run_dir, recipe, calibration_rows, calibrate_method, per_channe
         recipe=recipe, calibration_rows=calibration_rows, calibrate_method=calibrate_method, per_channel=per_channel,
         int8_tolerance=int8_tolerance, max_float_nodes=max_float_nodes, qat_steps=qat_steps, exclude_nodes=exclude, fp16=fp16,
         keep_io_fp32=False if fp16_io else None)
-    quantize(run_dir, cfg, force=force)
+    quantize(run_dir, cfg, force=force, trust=trust)
 
 
 @cli.command("bench")
 @run_dir_arg
-@click.option("--threads", type=click.IntRange(min=1), help=f"CPU threads for every runner (default {BenchConfig.threads}).")
-@click.option("--min-runs", type=click.IntRange(min=1), help=f"Minimum timed runs per model (default {BenchConfig.min_runs}).")
-@click.option("--min-duration", "min_duration_s", type=click.FloatRange(min=0), help=f"Minimum timed seconds per model (default {BenchConfig.min_duration_s:g}).")
-@click.option("--repeat", type=click.IntRange(min=1), help=f"Time every model in N interleaved rounds; the report keeps each round's p50 (what 'compress gate' tests statistically), their median as p50, and flags a spread over 5% as noisy (default {BenchConfig.repeat}).")
+@click.option("--threads", type=click.IntRange(1, THREADS_MAX), help=f"CPU threads for every runner (default {BenchConfig.threads}).")
+@click.option("--min-runs", type=click.IntRange(1, 10**7), help=f"Minimum timed runs per model (default {BenchConfig.min_runs}).")
+@click.option("--min-duration", "min_duration_s", type=_Finite(0, 3600), help=f"Minimum timed seconds per model (default {BenchConfig.min_duration_s:g}).")
+@click.option("--repeat", type=click.IntRange(1, 1000), help=f"Time every model in N interleaved rounds; the report keeps each round's p50 (what 'compress gate' tests statistically), their median as p50, and flags a spread over 5% as noisy (default {BenchConfig.repeat}).")
 @click.option("--batch-sweep", help="Also time the ONNX models at these batch sizes for throughput, e.g. 1,8,32.")
 @click.option("--providers", type=click.Choice(["cpu", "cuda", "tensorrt", "auto"]), help="ONNX Runtime execution providers for the ONNX models (default cpu; auto: TensorRT, then CUDA, then CPU, whichever this ONNX Runtime has).")
 @force_opt
-@click.option("--remote", metavar="USER@HOST", help="Also bench the exported ONNX models on this machine over SSH (system OpenSSH, key auth, BatchMode) and merge its rows, marked '(on USER@HOST)', into the report.")
+@trust_later_opt
+@click.option("--remote", metavar="USER@HOST", callback=lambda c, p, v: _remote_check(c, p, v, "check_host"), help="Also bench the exported ONNX models on this machine over SSH (system OpenSSH, key auth, BatchMode) and merge its rows, marked '(on USER@HOST)', into the report.")
 @click.option("--remote-python", default="python3", show_default=True, help="The Python on the remote machine (needs numpy and onnxruntime, or tensorrt).")
-@click.option("--remote-dir", help="Folder on the remote machine for the temporary bench folder (default: $TMPDIR or /tmp).")
+@click.option("--remote-dir", callback=lambda c, p, v: _remote_check(c, p, v, "check_remote_dir"), help="Folder on the remote machine for the temporary bench folder (default: $TMPDIR or /tmp).")
 @click.option("--remote-runtime", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="What runs the models remotely: ONNX Runtime on its CPU, or TensorRT engines built there on its GPU.")
-@click.option("--ssh-option", "ssh_options", multiple=True, metavar="KEY=VALUE", help="An ssh -o option, repeatable (e.g. StrictHostKeyChecking=no).")
+@click.option("--ssh-option", "ssh_options", multiple=True, metavar="KEY=VALUE", callback=lambda c, p, v: _remote_check(c, p, v, "check_ssh_option"),
+              help="An ssh -o option, repeatable (e.g. StrictHostKeyChecking=no). Options that run a local command or load a local "
+                   "library (ProxyCommand, LocalCommand, PermitLocalCommand, KnownHostsCommand, PKCS11Provider, SecurityKeyProvider) are "
+                   "refused: whoever writes them runs code on this machine; set them for the host in ~/.ssh/config instead.")
 @click.option("--identity", type=click.Path(path_type=Path), help="Private key file for ssh -i.")
 @click.option("--port", type=click.IntRange(1, 65535), help="SSH port on the remote machine.")
 @click.option("--keep-remote", is_flag=True, help="Leave the remote temporary folder in place (for a look at it).")
 def bench_cmd(run_dir, threads, min_runs, min_duration_s, repeat, batch_sweep, providers, force, remote, remote_python, remote_dir, remote_runtime, ssh_options,
-              identity, port, keep_remote):
+              identity, port, keep_remote, trust):
     """Measure accuracy, agreement and latency of every variant; write report.json (stage 4)."""
     from .api import bench, report
     from .bench.report import print_table
@@ -337,10 +414,10 @@ def bench_cmd(run_dir, threads, min_runs, min_duration_s, repeat, batch_sweep, p
     _log_to(run_dir)
     if not remote and any(v not in (None, (), False) for v in (remote_dir, identity, port, ssh_options or None, keep_remote or None)):
         raise click.UsageError("--remote-dir, --identity, --port, --ssh-option and --keep-remote go with --remote USER@HOST")
-    sweep = _list(batch_sweep, int, flag="--batch-sweep") if batch_sweep else None
+    sweep = _list(batch_sweep, int, flag="--batch-sweep", lo=1, hi=65536) if batch_sweep else None
     cfg = Run.open(run_dir).config.bench.replace(threads=threads, min_runs=min_runs, min_duration_s=min_duration_s, repeat=repeat,
                                                  batch_sweep=sweep, providers=providers)
-    rep = bench(run_dir, cfg, force=force)
+    rep = bench(run_dir, cfg, force=force, trust=trust)
     report(run_dir)
     if remote:
         from .api import remote_bench
@@ -348,6 +425,20 @@ def bench_cmd(run_dir, threads, min_runs, min_duration_s, repeat, batch_sweep, p
         rep = remote_bench(run_dir, remote, remote_python=remote_python, remote_dir=remote_dir, ssh_options=ssh_options, identity=identity,
                            port=port, runtime=remote_runtime, keep_remote=keep_remote, min_runs=min_runs, min_duration_s=min_duration_s)
     print_table(rep)
+
+
+def _remote_check(ctx, param, value, check: str):
+    """--remote, --remote-dir, --ssh-option: compressor.remote's checks, as click usage errors at parse time."""
+    if value is None or value == ():
+        return value
+    from . import remote
+
+    try:
+        for v in (value if isinstance(value, tuple) else (value,)):
+            getattr(remote, check)(v)
+    except CompressError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return value
 
 
 @cli.command("report")
@@ -360,8 +451,8 @@ def report_cmd(run_dir, merge, html):
     from .bench.report import print_table
 
     print_table(report(run_dir, merge=merge, html=html or None))
-    click.echo(f"report: {Path(run_dir) / 'report.md'}"
-               + (f" and {Path(run_dir) / 'report.html'}" if (Path(run_dir) / "report.html").exists() else ""))
+    click.echo(f"report: {_q(Path(run_dir) / 'report.md')}"
+               + (f" and {_q(Path(run_dir) / 'report.html')}" if (Path(run_dir) / "report.html").exists() else ""))
 
 
 @cli.command("bundle")
@@ -374,21 +465,21 @@ def bundle_cmd(run_dir, out, force):
 
     _log_to(run_dir)
     info = bundle(run_dir, out, force=force)
-    click.echo(f"bundle: {info['dir']}\ntarball: {info['tarball']}\n"
+    click.echo(f"bundle: {_q(info['dir'])}\ntarball: {_q(info['tarball'])}\n"
                f"on the device: bash build_engine.sh && python3 run_on_device.py; "
-               f"then here: compress report {run_dir} --merge report.json")
+               f"then here: compress report {_q(run_dir)} --merge report.json")
 
 
 @cli.command("gate")
 @click.argument("current", type=click.Path(path_type=Path))
 @click.option("--baseline", required=True, type=click.Path(path_type=Path), help="The baseline: a baseline bundle folder (written by --update-baseline; its models are re-timed here), a run directory, or a bare report.json.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="A gate.toml with thresholds and [[floor]] tables (flags override it).")
-@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), help=f"Accuracy points a model may lose (default {GateConfig.max_accuracy_drop:g}).")
-@click.option("--min-agreement", type=click.FloatRange(0, 1), help="Fraction of held-out rows each student must agree with the teacher on (default: not checked).")
-@click.option("--max-latency-regression", type=click.FloatRange(min=0), help=f"Fraction a latency may grow (default {GateConfig.max_latency_regression:g}), with a one-sided test p < alpha on the rounds (Wilcoxon signed-rank when re-timed).")
-@click.option("--max-size-growth", type=click.FloatRange(min=0), help=f"Fraction a model file may grow (default {GateConfig.max_size_growth:g}).")
+@click.option("--max-accuracy-drop", type=_Finite(0, 100), help=f"Accuracy points a model may lose (default {GateConfig.max_accuracy_drop:g}).")
+@click.option("--min-agreement", type=_Finite(0, 1), help="Fraction of held-out rows each student must agree with the teacher on (default: not checked).")
+@click.option("--max-latency-regression", type=_Finite(min=0), help=f"Fraction a latency may grow (default {GateConfig.max_latency_regression:g}), with a one-sided test p < alpha on the rounds (Wilcoxon signed-rank when re-timed).")
+@click.option("--max-size-growth", type=_Finite(min=0), help=f"Fraction a model file may grow (default {GateConfig.max_size_growth:g}).")
 @click.option("--rounds", type=click.IntRange(min=5, max=1000), help=f"Re-timing: interleaved rounds per model and side (default {GateConfig.rounds}; at least 5, or no test could reach p < 0.05).")
-@click.option("--round-duration", "round_duration_s", type=click.FloatRange(min=0.001, max=60), help=f"Re-timing: seconds per model per round (default {GateConfig.round_duration_s:g}).")
+@click.option("--round-duration", "round_duration_s", type=_Finite(min=0.001, max=60), help=f"Re-timing: seconds per model per round (default {GateConfig.round_duration_s:g}).")
 @click.option("--absolute-latency", is_flag=True, default=None, help="Do not re-time: compare the two reports' p50s; both must come from the same host (exit 2 otherwise).")
 @click.option("--floor", "floors", multiple=True, help="An absolute floor, MODEL:METRIC>=VALUE or <=VALUE, e.g. 'student onnx int8:accuracy>=0.93' (repeatable).")
 @click.option("--junit", type=click.Path(path_type=Path), help="Also write JUnit XML here (one test case per check).")
@@ -439,19 +530,19 @@ def _baseline_exists(baseline: Path) -> bool:
 
 
 def _write_baseline(current: Path, baseline: Path, bundle: bool) -> str:
-    from ._io import write_text
-    from .bench.report import load_report
+    from ._io import read_regular_file, write_bytes
+    from .bench.report import REPORT_MAX_BYTES, load_report
     from .bench.retime import open_side, write_bundle
 
     if bundle:
         marker = write_bundle(open_side(current, "current report"), Path(baseline))
-        return f"gate: wrote the baseline bundle {baseline} ({len(marker['files'])} files: {', '.join(sorted(marker['files']))})"
+        return f"gate: wrote the baseline bundle {_q(baseline)} ({len(marker['files'])} files: {', '.join(sorted(marker['files']))})"
     from .api import _report_for
 
     cur_path = _report_for(current, "current report")
     load_report(cur_path)
-    write_text(baseline, cur_path.read_text(encoding="utf-8"))
-    return (f"gate: wrote {cur_path} as the new baseline {baseline} (a bare report: its latencies are comparable only on the same host; "
+    write_bytes(baseline, read_regular_file(cur_path, "current report", REPORT_MAX_BYTES))
+    return (f"gate: wrote {_q(cur_path)} as the new baseline {_q(baseline)} (a bare report: its latencies are comparable only on the same host; "
             "a folder as --baseline keeps the model files, which the gate re-times on any machine)")
 
 
@@ -549,14 +640,21 @@ def _profile_text(p: dict) -> str:
     return "\n".join(lines)
 
 
+_ARGV: list[str] | None = None  # the arguments main() was called with (None: sys.argv[1:])
+
+
+def _args() -> list[str]:
+    return list(_ARGV) if _ARGV is not None else sys.argv[1:]
+
+
 def _resumable() -> bool:
     """Whether the command line's subcommand takes --resume (gate, targets and report do not)."""
-    args = [a for a in sys.argv[1:] if not a.startswith("-")]
+    args = [a for a in _args() if not a.startswith("-")]
     return not (args and args[0] in ("gate", "targets", "report", "bundle"))
 
 
 def _resume_command() -> str:
-    args = [a for a in sys.argv[1:] if a != "--resume"]
+    args = [a for a in _args() if a != "--resume"]
     return "compress " + " ".join(shlex.quote(a) for a in args) + " --resume"
 
 
@@ -573,9 +671,10 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)
-    global _BUG_EXIT
+    global _BUG_EXIT, _ARGV
     _BUG_EXIT = EXIT_BUG
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    _ARGV = [str(a) for a in argv] if argv is not None else None
+    debug = "--debug" in _args()
     try:
         rv = cli.main(args=argv, prog_name="compress", standalone_mode=False)
         # click returns an Exit's code instead of raising it when not standalone (compress gate's exit 1)

@@ -2,12 +2,42 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
 import typing
 from dataclasses import dataclass, field
 
 from .errors import CompressError
 
 CONFIG_VERSION = 1
+
+
+_KIND_NAMES = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false", dict: "an object"}
+
+
+def _typed(v, hint, where: str):
+    """v checked against a field's type hint (int, float, str, bool, list[X], dict, X | None), returned unchanged;
+    a mismatch is a CompressError naming the field."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return _typed(v, rest[0], where)
+        raise CompressError(f"{where}: no check for the type {hint}")  # pragma: no cover - a new field of a new kind
+    if typing.get_origin(hint) is list:
+        if not isinstance(v, list):
+            raise CompressError(f"{where} must be a list, not {v!r:.80}")
+        return [_typed(x, args[0], f"{where}[{i}]") for i, x in enumerate(v)] if args else list(v)
+    ok = {int: lambda x: isinstance(x, int) and not isinstance(x, bool),
+          float: lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x),
+          str: lambda x: isinstance(x, str), bool: lambda x: isinstance(x, bool), dict: lambda x: isinstance(x, dict)}.get(hint)
+    if ok is None:
+        raise CompressError(f"{where}: no check for the type {hint}")  # pragma: no cover - a new field of a new kind
+    if not ok(v):
+        raise CompressError(f"{where} must be {_KIND_NAMES[hint]}, not {v!r:.80}")
+    return v  # an int stays an int where a float is expected: the stage fingerprints hash the JSON as written
 
 
 class _Config:
@@ -38,6 +68,8 @@ class _Config:
             sub = hints.get(k)
             if isinstance(sub, type) and issubclass(sub, _Config):
                 v = sub.from_dict(v)
+            else:  # a hand-edited or foreign file: a wrong type fails here, not deep inside a stage
+                v = _typed(v, sub, f"{cls.__name__}: {k}")
             kwargs[k] = v
         return cls(**kwargs)
 
@@ -57,6 +89,7 @@ class DataConfig(_Config):
     channels: int | None = None  # 1 (grayscale) or 3 (RGB) for image folders
     mean: list[float] | None = None  # per-channel normalisation after scaling pixels to [0, 1]
     std: list[float] | None = None
+    max_image_pixels: int | None = 89_478_485  # image folders: larger images (and --image-size) are refused; PIL's Image.MAX_IMAGE_PIXELS
     mnist1d_samples: int = 55000  # rows generated for the built-in data (80% pool, 20% held out)
     mnist1d_labels: int = 4000  # labeled rows of the pool; the rest are unlabeled (y = -1)
     seed: int = 0
@@ -81,7 +114,7 @@ class DistillConfig(_Config):
     augment: str = "none"  # none | auto | signal | image: same augmented view for teacher and student (function matching)
     mixup: float = 0.0  # Beta(a, a) mixup across all pool rows (0 = off); with mixup the teacher's outputs are the only target
     cutmix: float = 0.0  # Beta(a, a) cutmix (0 = off); one of mixup/cutmix is drawn per batch when both are on
-    teacher_output: str = "logits"  # what the teacher answers: logits | probs | topk:K | label (black-box teachers)
+    teacher_output: str = "auto"  # what the teacher answers: auto (probabilities detected, else logits) | logits | probs | topk:K | label
     query_budget: int | None = None  # cap on teacher calls (rows); spent in rounds on the rows the student is least sure of
     query_rounds: int = 4
     query_strategy: str = "margin"  # margin | entropy: how the next round's rows are picked

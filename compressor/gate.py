@@ -105,16 +105,14 @@ def load_gate_config(path: str | Path | None, extra_floors: list[dict] | None = 
     if path is not None:
         import tomllib
 
+        from ._io import read_regular_file
+
         p = Path(path)
-        if not p.exists():
-            raise CompressError(f"gate config {p} does not exist")
-        if not p.is_file():  # a folder, a FIFO (would hang), /dev/zero (would fill the memory)
-            raise CompressError(f"gate config {p} is not a regular file", hint="pass a gate.toml")
+        # missing, a folder, a FIFO (would hang), /dev/zero (would fill the memory), or larger than a few thresholds can be
+        text = read_regular_file(p, "gate config", CONFIG_MAX_BYTES, hint="pass a gate.toml")
         try:
-            if p.stat().st_size > CONFIG_MAX_BYTES:
-                raise CompressError(f"gate config {p} is larger than 1 MB; it holds a few thresholds")
-            raw = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
+            raw = tomllib.loads(text.decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
             raise CompressError(f"gate config {p} is not valid TOML: {str(exc)[:200] or type(exc).__name__}") from None
         if "gate" in raw:  # a [gate] table: its keys, plus [[floor]] tables at the top level; nothing else outside it
             if not isinstance(raw["gate"], dict):

@@ -103,9 +103,22 @@ def claim_run_dir(path: str | os.PathLike, data_sources: tuple = ()) -> Path:
             raise CompressError(f"cannot read the folder {p}: {exc.strerror or exc}", hint="choose another --out directory") from None
         if entries and not entries <= CLAIM_FILES and not is_run_dir(p):
             raise _not_ours(p, "run")
+        if is_run_dir(p):
+            check_no_links_out(p)
     from ._io import ensure_dir
 
     return ensure_dir(p)
+
+
+def check_no_links_out(run_dir: Path) -> None:
+    """Refuse a run folder whose own sub-folders (cache/, checkpoints/, search/, bundle-*/) are symbolic links: the tool
+    writes into those, and a run folder that arrived as an artifact could point them at the user's files."""
+    run_dir = Path(run_dir)
+    names = [*RUN_SUBDIRS, *(e.name for e in os.scandir(run_dir) if e.name.startswith("bundle-"))]
+    for name in names:
+        if (run_dir / name).is_symlink():
+            raise CompressError(f"{run_dir / name} is a symbolic link; a run folder must hold its own files",
+                                hint="copy the run without links (cp -rL), or start a new run")
 
 
 def check_bundle_out(out: Path, tarball: Path, run_dir: Path, force: bool) -> None:

@@ -4,7 +4,9 @@ and its report.json brought back and merged into the run's report (rows marked '
 Only the system OpenSSH client is used (ssh and scp, through argv lists, never a local shell): BatchMode=yes (no
 password or passphrase prompt can hang the command), a connect timeout, StrictHostKeyChecking=accept-new unless
 an --ssh-option says otherwise. Every path in a remote command line is quoted with shlex.quote. The remote
-temporary folder is removed at the end, whatever happened, unless keep_remote.
+temporary folder is removed at the end, whatever happened, unless keep_remote. ssh options that run a local command
+or load a local library (ProxyCommand, LocalCommand, ...: LOCAL_CODE_OPTIONS) are refused as --ssh-option: set them in
+~/.ssh/config, where the user, not whoever wrote a command line or a CI script, put them.
 
 Steps, each named in its error: connect (and make the remote folder), check python (the remote Python imports
 numpy and the runtime), copy the bundle, run run_on_device.py, copy report.json back, merge. A connection or
@@ -22,7 +24,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._io import write_bytes
+from ._io import read_regular_file, write_bytes
 from .errors import CompressError
 
 log = logging.getLogger("compressor")
@@ -31,7 +33,11 @@ CONNECT_TIMEOUT_S = 15
 RUN_TIMEOUT_S = 3600
 COPY_TIMEOUT_S = 600
 RUNTIME_MODULES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
-_HOST = re.compile(r"^(?:[A-Za-z0-9._+-]+@)?[A-Za-z0-9._:%\[\]-]+$")
+_HOST = re.compile(r"(?:[A-Za-z0-9._+-]+@)?[A-Za-z0-9._:%\[\]-]+")  # used with fullmatch: '$' would let a trailing newline through
+# ssh options that run a local command or load a local library: whoever controls the option string runs code here.
+# Refused on the command line (a documented decision); put them in ~/.ssh/config, where ssh applies them for that host.
+LOCAL_CODE_OPTIONS = ("ProxyCommand", "LocalCommand", "PermitLocalCommand", "KnownHostsCommand", "PKCS11Provider", "SecurityKeyProvider")
+_MARK = "compress-remote-dir:"  # the line that carries the remote folder's path, whatever a login script prints around it
 _SSH_FAILED = 255  # what ssh itself exits with when it cannot connect or authenticate
 
 
@@ -74,18 +80,46 @@ def _last_line(text: str) -> str:
     return lines[-1][:300] if lines else "no message"
 
 
+def _has_control(text: str) -> bool:
+    return any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)
+
+
+def check_host(host: str) -> str:
+    """USER@HOST, HOST or an ssh config alias; nothing ssh could read as an option, no whitespace or control character."""
+    if not host or host.startswith("-") or not _HOST.fullmatch(host):
+        raise CompressError(f"--remote {host!r} is not a host (user@host, host, or an ssh config alias)", hint="e.g. --remote pi@192.168.1.20")
+    return host
+
+
+def check_remote_dir(remote_dir: str) -> str:
+    """A folder path for the remote shell: no control character (a newline would split the remote command's output)."""
+    if not remote_dir or _has_control(remote_dir):
+        raise CompressError(f"--remote-dir {remote_dir!r} is not a folder path (empty, or with a control character)",
+                            hint="pass a folder on the remote machine, e.g. /tmp")
+    return remote_dir
+
+
+def check_ssh_option(o: str) -> str:
+    """One Key=value for ssh -o; options that run a local command or load a local library are refused."""
+    key = o.split("=", 1)[0].strip()
+    if "=" not in o or o.startswith("-") or not key.isalnum() or _has_control(o):
+        raise CompressError(f"--ssh-option {o!r} is not an ssh option", hint="pass Key=value, e.g. --ssh-option StrictHostKeyChecking=no")
+    if key.lower() in {k.lower() for k in LOCAL_CODE_OPTIONS}:
+        raise CompressError(f"--ssh-option {key} is refused: it makes ssh run a local command or load a local library",
+                            hint=f"if you need it, set it for the host in ~/.ssh/config (Host ... {key} ...), which ssh reads as usual")
+    return o
+
+
 def _check_args(host: str, port, identity, options, remote_dir, runtime: str) -> None:
-    if not host or host.startswith("-") or not _HOST.match(host):
-        raise CompressError(f"--remote '{host}' is not a host (user@host, host, or an ssh config alias)", hint="e.g. --remote pi@192.168.1.20")
+    check_host(host)
     if port is not None and not 1 <= int(port) <= 65535:
         raise CompressError(f"--port {port} is not a TCP port", hint="pass 1..65535")
     if identity is not None and not Path(identity).is_file():
         raise CompressError(f"--identity {identity} does not exist", hint="pass the private key file ssh should use")
     for o in options:
-        if "=" not in o or o.startswith("-") or not o.split("=", 1)[0].strip().isalnum():
-            raise CompressError(f"--ssh-option '{o}' is not an ssh option", hint="pass Key=value, e.g. --ssh-option StrictHostKeyChecking=no")
-    if remote_dir is not None and (not remote_dir or "\n" in remote_dir or "\x00" in remote_dir):
-        raise CompressError(f"--remote-dir {remote_dir!r} is not a folder path", hint="pass a folder on the remote machine, e.g. /tmp")
+        check_ssh_option(o)
+    if remote_dir is not None:
+        check_remote_dir(remote_dir)
     if runtime not in RUNTIME_MODULES:
         raise CompressError(f"--remote-runtime '{runtime}' is not one of {', '.join(RUNTIME_MODULES)}", hint="use onnxruntime (CPU) or tensorrt (GPU)")
     for tool in ("ssh", "scp"):
@@ -115,6 +149,26 @@ def _call(argv: list[str], step: str, host: str, timeout: int, *, runtime_error:
                         kind="runtime" if runtime_error else "input")
 
 
+def mktemp_command(remote_dir: str | None) -> str:
+    """The remote shell command that makes the temporary folder and prints its absolute path (pwd -P) on a line of
+    its own behind a marker, so a relative --remote-dir, or text a login script prints, cannot be mistaken for it."""
+    # './' keeps a folder named '-x' from being read as an option by mkdir and mktemp
+    parent_q = shlex.quote(remote_dir if not remote_dir.startswith("-") else "./" + remote_dir) if remote_dir else '"${TMPDIR:-/tmp}"'
+    return (f"mkdir -p {parent_q} && d=$(mktemp -d {parent_q}/compress-bench.XXXXXXXX) && CDPATH= cd -P -- \"$d\" && "
+            f"printf '%s%s\\n' {shlex.quote(_MARK)} \"$(pwd -P)\"")
+
+
+def _remote_folder(stdout: str) -> str | None:
+    """The absolute path of the folder the mktemp command made, from its marked line; None when there is no sound one."""
+    found = [ln[len(_MARK):] for ln in (stdout or "").split("\n") if ln.startswith(_MARK)]
+    if len(found) != 1:
+        return None
+    path = found[0]
+    if not path.startswith("/") or _has_control(path) or not re.fullmatch(r"compress-bench\.[A-Za-z0-9._-]+", path.rpartition("/")[2]):
+        return None
+    return path
+
+
 def remote_bench(run_dir: str | Path, host: str, *, remote_python: str = "python3", remote_dir: str | None = None,
                  ssh_options: list[str] | tuple[str, ...] = (), identity: str | Path | None = None, port: int | None = None,
                  runtime: str = "onnxruntime", keep_remote: bool = False, min_runs: int | None = None,
@@ -137,12 +191,11 @@ def remote_bench(run_dir: str | Path, host: str, *, remote_python: str = "python
         folder = Path(info["dir"])
         # connect: make the remote folder (mktemp -d), which also proves the login works
         parent = remote_dir or "${TMPDIR:-/tmp}"
-        parent_q = shlex.quote(remote_dir) if remote_dir else '"${TMPDIR:-/tmp}"'
-        mk = f"mkdir -p {parent_q} && mktemp -d {parent_q}/compress-bench.XXXXXXXX"
-        tmp = _call(ssh.ssh(mk), f"connect and make a folder under {parent}", host, connect_timeout + 60).stdout.strip().splitlines()
-        if not tmp or not tmp[-1].startswith("/"):
-            raise CompressError(f"remote bench on {host}: connect: mktemp printed no folder", hint="the remote needs a POSIX shell and mktemp")
-        rtmp = tmp[-1]
+        out = _call(ssh.ssh(mktemp_command(remote_dir)), f"connect and make a folder under {parent}", host, connect_timeout + 60).stdout
+        rtmp = _remote_folder(out)
+        if rtmp is None:
+            raise CompressError(f"remote bench on {host}: connect: mktemp printed no folder path ({_last_line(out)})",
+                                hint="the remote needs a POSIX shell and mktemp")
         log.info("remote: %s:%s", host, rtmp)
         try:
             module = RUNTIME_MODULES[runtime]
@@ -175,5 +228,7 @@ def remote_bench(run_dir: str | Path, host: str, *, remote_python: str = "python
                     log.warning("remote: could not remove %s:%s: %s", host, rtmp, exc.message)
         # the merged report lives in the run: the copied report.json is renamed so merged_from names where it came from
         kept = run.path(f"remote-report-{re.sub(r'[^A-Za-z0-9._-]', '_', host)}.json")
-        write_bytes(kept, back.read_bytes())
+        from .bench.report import REPORT_MAX_BYTES
+
+        write_bytes(kept, read_regular_file(back, "the remote's report.json", REPORT_MAX_BYTES))
     return api.report(run.dir, merge=kept, remote=host)

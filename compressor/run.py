@@ -18,6 +18,12 @@ MANIFEST = "manifest.json"
 MANIFEST_MAX_BYTES = 64 << 20  # a manifest is kilobytes; stage results included, far below this
 STAGES = ("distill", "export", "quantize", "bench", "report")
 DEMO_TEACHER = Path(__file__).parent / "assets" / "demo_teacher.pt"
+# code-free files the distill stage saves for later stages (fixed names inside the run: see Run.teacher)
+COPY_SUFFIX = ".jit.pt"  # student.jit.pt, baseline.jit.pt: TorchScript copies of the trained modules
+TEACHER_COPY = "teacher.jit.pt"  # a TorchScript copy of a teacher that came as code (state dict + --teacher-arch, --trust pickle)
+TEACHER_HELDOUT = "teacher_heldout.npz"  # the teacher's class for each held-out row
+TRUST_LATER_HINT = ("later stages do not run code a run folder names: rerun distill to save code-free copies, or pass --trust "
+                    "to this command to run that code (only for a run folder you trust)")
 
 
 def now() -> str:
@@ -92,6 +98,9 @@ class Run:
         path = Path(path)
         if not (path / MANIFEST).is_file():
             raise CompressError(f"{path} is not a run directory (no {MANIFEST})", hint="run 'compress distill' or 'compress' with --out first")
+        from .ownership import check_no_links_out
+
+        check_no_links_out(path)  # a run folder that travelled must not steer our writes into folders elsewhere
         return cls(path, cls._read(path))
 
     @staticmethod
@@ -162,41 +171,150 @@ class Run:
 
         return get_target(self.config.target)
 
+    # -- what a stage may load: a run folder is data -------------------------------------------------
+    # The distill stage got the teacher and the student from its own command line (`live`): it may run their code
+    # (a --teacher-arch, a --trust pickle, a black box, a student factory), and it saves what later stages need in
+    # forms that load without running Python code (api._save_code_free): TorchScript copies of the trained modules
+    # and of a teacher that came as code, the teacher's held-out answers, the teacher's input shape. A later stage
+    # loads those; it runs code the manifest names only when its own command line says --trust (`trust`), and a
+    # black-box teacher (a callable or a command) never.
+    live = False
+    trust = False
+
     @functools.cached_property
     def teacher(self):
+        """The teacher: as the command line named it in the distill stage; in a later stage, only from files that
+        load without running code (the file itself when it is TorchScript, torch.export or ONNX, else its copy)."""
         from .models import load_teacher
+        from .models._blackbox_teacher import is_query_spec
 
         cfg = self.config
         recorded = self.manifest["inputs"]["teacher"]
+        query = is_query_spec(cfg.teacher)
+        self._check_teacher_unchanged()
+        if self.live:
+            return load_teacher(cfg.teacher, cfg.teacher_arch, cfg.trust, cwd=recorded.get("cwd"))
+        copy = self._code_free("teacher_torchscript", TEACHER_COPY)
+        if copy is not None:
+            return load_teacher(copy, files_only=True)
+        if query:
+            raise CompressError(f"this run's teacher is a black box ({cfg.teacher[:120]}) and later stages never run what a run folder names",
+                                hint="its held-out answers recorded by the distill stage stand in for it; rerun distill to record them")
+        from .models.teacher import sniff_format
+
+        if Path(cfg.teacher).is_file() and sniff_format(Path(cfg.teacher)) == "torch.save":  # a state dict or a pickle: code
+            if not self.trust:
+                raise CompressError(f"this run's teacher {Path(cfg.teacher).name} needs code to load (a --teacher-arch or a pickled module) "
+                                    f"and the run has no code-free copy of it ({TEACHER_COPY})", hint=TRUST_LATER_HINT)
+            return load_teacher(cfg.teacher, cfg.teacher_arch, True)
+        return load_teacher(cfg.teacher, files_only=True)
+
+    def _check_teacher_unchanged(self) -> None:
+        """The teacher the run was made with is still the same where it still is (hashes files; runs nothing)."""
         from .models._blackbox_teacher import is_query_spec, query_spec_input
 
-        if is_query_spec(cfg.teacher):
+        cfg, recorded = self.config, self.manifest["inputs"]["teacher"]
+        if is_query_spec(cfg.teacher):  # the callable's file, or the command line and its file arguments
             changed = query_spec_input(cfg.teacher, recorded.get("cwd"))[0]["sha256"] != recorded["sha256"]
         else:
             changed = Path(cfg.teacher).is_file() and sha256_file(cfg.teacher) != recorded["sha256"]
         if changed:
             raise CompressError(f"teacher {cfg.teacher} changed since this run started", hint="rerun the whole pipeline, or use a new --out")
-        return load_teacher(cfg.teacher, cfg.teacher_arch, cfg.trust, cwd=recorded.get("cwd"))
+
+    @property
+    def teacher_input_shape(self):
+        """The teacher's declared input shape: recorded by the distill stage, so later stages need not load the teacher."""
+        res = (self.manifest["stages"].get("distill") or {}).get("result") or {}
+        if not self.live and "teacher_input_shape" in res:
+            self._check_teacher_unchanged()
+            shape = res["teacher_input_shape"]
+            return tuple(shape) if isinstance(shape, list) else None
+        from .models._blackbox_teacher import is_query_spec
+
+        if not self.live and is_query_spec(self.config.teacher):  # a run from before the shape was recorded
+            return None
+        return self.teacher.input_shape
 
     @functools.cached_property
     def data(self):
         from .data import load_data
 
-        return load_data(self.config.data, teacher_input_shape=self.teacher.input_shape, cache_dir=self.dir / "cache")
+        return load_data(self.config.data, teacher_input_shape=self.teacher_input_shape, cache_dir=self.dir / "cache")
 
-    def load_trained(self, name: str):
-        """The trained student (or baseline) module saved by the distill stage, in eval mode."""
+    def load_trained(self, name: str, *, eager: bool = False):
+        """The trained student (or baseline) saved by the distill stage, in eval mode: rebuilt from its spec when that
+        is built in (or in the distill stage itself), else its TorchScript copy; eager=True (an nn.Module to modify)
+        rebuilds it from its code, which a later stage does only with --trust."""
+        import torch
+
+        st = self.stage("distill")
+        res = st["result"]
+        record = res["student_record"]
+        spec = str(record.get("spec", ""))
+        if self.live or spec.startswith("builtin:"):
+            return self._rebuild_trained(name, record, res["num_classes"])
+        copy = None if eager else self._code_free(f"{name}_torchscript", f"{name}{COPY_SUFFIX}")
+        if copy is not None:
+            try:
+                return torch.jit.load(str(copy), map_location="cpu").eval()
+            except Exception as exc:
+                raise CompressError(f"{copy} cannot be loaded: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}",
+                                    hint="the file may be truncated; rerun distill") from None
+        if not self.trust:
+            why = "this step needs it as an eager module, rebuilt from that code" if eager else f"the run has no code-free copy of it ({name}{COPY_SUFFIX})"
+            raise CompressError(f"this run's {name} was built by code ({spec[:120]}) and {why}", hint=TRUST_LATER_HINT)
+        return self._rebuild_trained(name, record, res["num_classes"])
+
+    def _rebuild_trained(self, name: str, record: dict, num_classes: int):
+        """Build the module from its record (running a factory's code) and load its state dict."""
         import torch
 
         from .models import load_student
 
-        res = self.stage("distill")["result"]
-        record = res["student_record"]
-        # a student cut from the teacher ('teacher:every-other') is rebuilt from the same (hash-checked) teacher
-        teacher = self.teacher if str(record.get("spec", "")).startswith("teacher:") else None
-        module = load_student(record, input_shape=self.data.input_shape, num_classes=res["num_classes"], teacher=teacher)
+        # a student cut from the teacher ('teacher:every-other') is rebuilt from the same (hash-checked) eager teacher
+        teacher = None
+        if str(record.get("spec", "")).startswith("teacher:"):
+            teacher = self.teacher if self.live else self._eager_teacher()
+        module = load_student(record, input_shape=self.data.input_shape, num_classes=num_classes, teacher=teacher)
         module.load_state_dict(torch.load(self.path(f"{name}.pt"), map_location="cpu", weights_only=True))
         return module.eval()
+
+    def _eager_teacher(self):
+        """The teacher rebuilt from what the config names (only with --trust in a later stage; never a black box)."""
+        from .models import load_teacher
+        from .models._blackbox_teacher import is_query_spec
+
+        self.teacher  # the hash check, and the refusals a later stage makes
+        if is_query_spec(self.config.teacher):
+            raise CompressError("a black-box teacher has no module to cut a student from")
+        return load_teacher(self.config.teacher, self.config.teacher_arch, self.live and self.config.trust or self.trust)
+
+    def _code_free(self, key: str, filename: str) -> Path | None:
+        """A code-free copy the distill stage recorded under `key`: always the fixed name inside the run, never a
+        path taken from the manifest."""
+        st = self.manifest["stages"].get("distill") or {}
+        p = self.path(filename)
+        return p if (st.get("outputs") or {}).get(key) == filename and p.is_file() else None
+
+    def teacher_heldout_pred(self):
+        """The teacher's class for each held-out row, recorded by the distill stage; None when it is not there or does
+        not fit the data's held-out rows."""
+        import numpy as np
+
+        p = self._code_free("teacher_heldout", TEACHER_HELDOUT)
+        if p is None:
+            return None
+        with np.load(p, allow_pickle=False) as z:
+            pred = np.asarray(z["pred"]) if "pred" in z.files else None
+        if pred is None or pred.ndim != 1 or pred.dtype.kind not in "iu" or len(pred) != len(self.data.y_test):
+            return None
+        return pred.astype(np.int64)
+
+    def blackbox_teacher_row(self) -> dict | None:
+        """A black-box teacher's bench row as the distill stage measured it (it is never queried again), or None."""
+        res = (self.manifest["stages"].get("distill") or {}).get("result") or {}
+        row = res.get("teacher_row")
+        return dict(row) if isinstance(row, dict) and self.teacher_heldout_pred() is not None else None
 
     def check_data_fits_teacher(self, teacher_logits_sample) -> None:
         from .data import check_classes

@@ -9,6 +9,7 @@ from . import schemas
 from .errors import CompressError, did_you_mean
 
 _PKG = Path(__file__).parent
+PROFILE_MAX_BYTES = 1 << 20  # a profile is a few kB
 
 
 def _profiles_dir() -> Path:
@@ -19,15 +20,15 @@ def _profiles_dir() -> Path:
 
 def load_profile(path: str | Path) -> dict:
     """Read and validate one profile file."""
+    from ._io import read_regular_file
+
     path = Path(path)
+    # missing, a folder, a FIFO (would hang), /dev/zero (would fill the memory), or larger than a profile can be
+    raw = read_regular_file(path, "target profile", PROFILE_MAX_BYTES)
     try:
-        profile = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CompressError(f"target profile {path} does not exist") from None
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise CompressError(f"target profile {path} is not valid TOML: {exc}") from None
-    except OSError as exc:  # a folder, no permission, ...
-        raise CompressError(f"target profile {path} cannot be read: {exc.strerror or exc}") from None
+        profile = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise CompressError(f"target profile {path} is not valid TOML: {str(exc)[:200] or type(exc).__name__}") from None
     schemas.validate(profile, "target", f"target profile {path}")
     from .export.quantize import list_recipes
 

@@ -73,6 +73,14 @@ def fractional(x):
 
 def boom(x):
     raise RuntimeError("quota exceeded")
+
+
+def huge(x):
+    return np.full(len(x), 2_000_000_000, np.int64)
+
+
+def float_id(x):
+    return np.full(len(x), 1e30)
 '''
 
 # A command teacher: reads a .npy batch on stdin, answers a .npy array on stdout; its argv goes to a log.
@@ -300,7 +308,9 @@ def test_command_teacher_runs_without_a_shell_and_every_call_is_counted(tiny, te
     assert seen[0][0] == [sys.executable, str(teachers["cmd"]), "label", f"$(touch {marker})"]
     log = [json.loads(ln) for ln in teachers["log"].read_text().splitlines()]
     q = _result(run)["teacher_queries"]
-    assert q["rows"] == sum(e["rows"] for e in log) == 100 and q["calls"] == len(log) == len(seen) == 2
+    assert q["rows"] == sum(e["rows"] for e in log[:2]) == 100 and q["calls"] == 2
+    held = _result(run)["teacher_heldout_queries"]  # then the held-out rows, once, for later stages (never asked again)
+    assert held["rows"] == sum(e["rows"] for e in log[2:]) and len(log) == len(seen) == 2 + held["calls"]
     assert [e["rows"] for e in q["rounds"]] == [50, 50] and q["rows_per_call"] == 64
     assert _result(run)["teacher_format"] == "command"
     assert run.manifest["inputs"]["teacher"]["cwd"]
@@ -316,9 +326,10 @@ def test_rows_sent_never_exceed_the_budget(tiny, teachers, tmp_path, monkeypatch
     q = _result(api.distill(cfg, tmp_path / "run"))["teacher_queries"]
     pool = int((tiny.y < 0).sum())  # a label-only teacher is asked about unlabeled rows only
     assert q["pool_rows"] == pool
-    assert sum(bb_teacher.ROWS) == q["rows"] == sum(e["rows"] for e in q["rounds"]) == min(budget, pool)
-    assert len(bb_teacher.ROWS) == q["calls"] == sum(e["calls"] for e in q["rounds"])
-    assert max(bb_teacher.ROWS) <= 32  # 4 x batch size per call
+    training = bb_teacher.ROWS[:q["calls"]]  # the held-out rows come after, outside the budget (teacher_heldout_queries)
+    assert sum(training) == q["rows"] == sum(e["rows"] for e in q["rounds"]) == min(budget, pool)
+    assert q["calls"] == sum(e["calls"] for e in q["rounds"])
+    assert max(training) <= 32  # 4 x batch size per call
     assert len(q["rounds"]) == (rounds if budget < pool else 1)
 
 
@@ -358,7 +369,8 @@ def test_answers_are_cached_and_never_paid_for_twice(tiny, teachers, tmp_path, m
     asked = sum(bb_teacher.ROWS)
     run = api.distill(cfg, tmp_path / "run", force=True)
     again = _result(run)["teacher_queries"]
-    assert sum(bb_teacher.ROWS) == asked == 60  # the rerun asked nothing
+    assert sum(bb_teacher.ROWS) == asked == 60 + sum(bb_teacher.ROWS[first["calls"]:])  # the rerun asked nothing
+    assert _result(run)["teacher_heldout_queries"]["cached"]
     assert [e["cached"] for e in again["rounds"]] == [True, True] and again["rows"] == first["rows"]
 
 
@@ -389,7 +401,7 @@ def test_budget_below_the_number_of_classes_and_online_options_are_refused(tiny,
     with pytest.raises(CompressError, match="--query-budget 2 is smaller than the number of classes"):
         api.distill(_cfg(tiny, str(tiny.torchscript), teacher_output="label", query_budget=2), tmp_path / "a")
     with pytest.raises(CompressError, match="--augment signal, --loss dkd cannot be combined with a black-box teacher flow"):
-        api.distill(_cfg(tiny, str(tiny.torchscript), teacher_output="probs", augment="signal", loss="dkd"), tmp_path / "b")
+        api.distill(_cfg(tiny, f"{teachers['py']}:probs", teacher_output="probs", query_budget=50, augment="signal", loss="dkd"), tmp_path / "b")
 
 
 def test_config_round_trips_with_black_box_settings():
@@ -438,4 +450,48 @@ def test_cli_command_teacher_pipeline_reports_the_teacher_calls(cli, tiny, teach
     teacher = next(m for m in rep["models"] if m["role"] == "teacher")
     assert (teacher["format"], teacher["runtime"], teacher["params"]) == ("command", "subprocess", 0)
     assert teacher["accuracy"] == pytest.approx(float((tiny.module()(torch.from_numpy(tiny.x_test)).argmax(1).numpy() == tiny.y_test).mean()))
-    assert any("bench stage asked it about" in n for n in rep["notes"])
+    assert any("distill stage also asked it about" in n for n in rep["notes"])
+
+
+# --- probabilities detected, class ids out of range (issue 17) ----------------------------------------------------
+def test_black_box_probabilities_are_detected_on_the_first_answers(tiny, teachers, tmp_path):
+    """Default --teacher-output (auto): a callable answering softmax rows is read as probabilities (their log), noted."""
+    res = _result(api.distill(_cfg(tiny, f"{teachers['py']}:probs", query_budget=60, query_rounds=1, steps=30), tmp_path / "a"))
+    assert res["teacher_output"]["kind"] == "probs" and res["teacher_output"]["detected"] and res["teacher_output"]["rows"] == 60
+    assert res["teacher_queries"]["output"] == "probs" and any("outputs are probabilities" in n for n in res["notes"])
+    res = _result(api.distill(_cfg(tiny, f"{teachers['py']}:logits", query_budget=60, query_rounds=1, steps=30), tmp_path / "b"))
+    assert res["teacher_output"]["kind"] == "logits" and not res["teacher_output"]["detected"] and res["notes"] == []
+    res = _result(api.distill(_cfg(tiny, f"{teachers['py']}:probs", teacher_output="logits", query_budget=60, query_rounds=1, steps=30),
+                              tmp_path / "c"))
+    assert res["teacher_output"]["kind"] == "logits" and res["teacher_queries"]["output"] == "logits"  # asked: no detection
+
+
+def test_detection_needs_enough_rows_and_classes():
+    from compressor.models.outputs import are_probabilities, output_kind
+
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((1000, 10)).astype(np.float32)
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    assert output_kind(p, "auto")["kind"] == "probs"
+    assert output_kind(p, "logits")["kind"] == "logits"
+    assert output_kind(z, "auto")["kind"] == "logits" and output_kind(np.abs(z), "auto")["kind"] == "logits"
+    assert output_kind(p[:4], "auto")["kind"] == "logits"  # too few rows to tell
+    assert not are_probabilities(np.ones((50, 1)))  # one class: always "sums to 1"
+    assert output_kind(p.astype(np.float16), "auto")["kind"] == "probs"  # half-precision softmax still sums to 1 closely enough
+
+
+def test_label_teacher_answering_a_huge_class_id_is_exit_2_without_allocating(cli, tiny, teachers, tmp_path):
+    import time
+
+    with pytest.raises(CompressError, match=r"class id 2000000000 \(answered by the teacher\) is out of range: the data has 3 classes"):
+        blackbox.num_classes_from(np.array([1, 2_000_000_000]), 3)
+    assert blackbox.num_classes_from(np.array([0, 5]), 3) == 6  # a few classes beyond the data's labels are still allowed
+    t0 = time.perf_counter()
+    code, _, err = cli("distill", "--teacher", f"{teachers['py']}:huge", "--teacher-output", "label", "--data", tiny.npz,
+                       "--skip-preflight", "--steps", "5", "--out", tmp_path / "run")
+    errors = [ln for ln in err.splitlines() if ln.startswith(("error", "internal error"))]
+    assert code == 2 and len(errors) == 1 and "class id 2000000000 (answered by" in errors[0] and "is out of range" in errors[0], err
+    assert time.perf_counter() - t0 < 60
+    code, _, err = cli("distill", "--teacher", f"{teachers['py']}:float_id", "--teacher-output", "label", "--data", tiny.npz,
+                       "--skip-preflight", "--steps", "5", "--out", tmp_path / "run2")
+    assert code == 2 and "out of range" in err, err

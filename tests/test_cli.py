@@ -158,6 +158,15 @@ def test_bad_option_value_is_a_usage_error(cli, tiny, tmp_path):
     assert code == 2 and "--image-size" in err
 
 
+def test_bench_help_says_which_ssh_options_are_refused_and_where_they_go(cli):
+    from compressor.remote import LOCAL_CODE_OPTIONS
+
+    code, out, _ = cli("bench", "--help")
+    text = " ".join(out.split())
+    assert code == 0 and "~/.ssh/config" in text
+    assert all(k in text for k in LOCAL_CODE_OPTIONS)
+
+
 def test_out_that_is_a_file(cli, tiny, tmp_path):
     f = tmp_path / "afile"
     f.write_text("x")

@@ -327,3 +327,150 @@ def test_npz_without_heldout_and_without_labels_is_a_clear_error(tmp_path):
     np.savez(p, x=np.zeros((10, 4), np.float32), y=np.full(10, -1, np.int64))
     with pytest.raises(CompressError, match="labeled rows"):
         load_data(DataConfig(source=str(p)))
+
+
+# --- image modes and bit depths (issue 17) ----------------------------------------------------------------------------
+def _png_bytes(w: int, h: int, depth: int, color_type: int, raw: bytes) -> bytes:
+    """A PNG written by hand: the header may claim any size whatever the (compressed) pixel data holds."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def test_16_bit_grayscale_pngs_load_at_full_range(tmp_path):
+    """PIL's I;16 -> L conversion saturated every value above 255: a 16-bit folder loaded as all 1.0."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    written = {}
+    for c in ("a", "b"):
+        for i in range(3):
+            arr = rng.integers(0, 65536, (6, 5)).astype(np.uint16)
+            (tmp_path / "imgs" / c).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(tmp_path / "imgs" / c / f"{i}.png")
+            written[(c, i)] = arr
+    assert Image.open(tmp_path / "imgs" / "a" / "0.png").mode == "I;16"
+    ds = load_data(DataConfig(source=str(tmp_path / "imgs"), heldout_fraction=0.34))
+    x = np.concatenate([ds.x, ds.x_test])[:, 0]
+    assert x.shape[1:] == (6, 5) and 0.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.2  # spread, not all 1.0
+    expected = [a.astype(np.float32) / 65535 for a in written.values()]
+    for img in x:  # every loaded image is one of the written arrays at full range
+        assert min(np.abs(img - e).max() for e in expected) < 1e-6
+
+
+def test_every_pil_mode_maps_to_the_same_scale(tmp_path):
+    """8-bit, 16-bit (both byte orders, and PIL's 32-bit I), float, palette, CMYK, alpha and 1-bit images in one folder:
+    one [0, 1] scale, nothing clipped."""
+    from PIL import Image
+
+    root = tmp_path / "mixed"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    g8 = np.array([[0, 64, 128], [192, 255, 10]], np.uint8)
+    expect = g8.astype(np.float32) / 255
+    Image.fromarray(g8).save(root / "a" / "0_l8.png")
+    Image.fromarray(g8.astype(np.uint16) * 257).save(root / "a" / "1_i16.png")  # 16-bit: v * 257 is v / 255 of 65535
+    big = np.zeros((2, 3, 1), ">u2")
+    big[..., 0] = g8.astype(np.uint16) * 257
+    (root / "a" / "2_i16b.png").write_bytes(_png_bytes(3, 2, 16, 0, b"".join(b"\x00" + r.tobytes() for r in big)))
+    Image.fromarray(g8.astype(np.int32) * 257, "I").save(root / "a" / "3_i32.tif")
+    Image.fromarray(expect).save(root / "a" / "4_f.tif")  # mode F, already in [0, 1]
+    la = Image.merge("LA", [Image.fromarray(g8), Image.fromarray(np.full_like(g8, 7))])  # alpha is dropped, the grey kept
+    la.save(root / "a" / "5_la.png")
+    Image.fromarray(g8 >= 128).save(root / "a" / "6_1bit.png")
+    ds = load_data(DataConfig(source=str(root), channels=1, eval_source=str(root)))
+    by_name = dict(zip(sorted(p.name for p in (root / "a").iterdir()), ds.x_test[ds.y_test == 0][:, 0]))
+    assert set(by_name) == {"0_l8.png", "1_i16.png", "2_i16b.png", "3_i32.tif", "4_f.tif", "5_la.png", "6_1bit.png"}
+    for name in ("0_l8.png", "1_i16.png", "2_i16b.png", "3_i32.tif", "4_f.tif", "5_la.png"):
+        np.testing.assert_allclose(by_name[name], expect, atol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(by_name["6_1bit.png"], (g8 >= 128).astype(np.float32))
+
+
+def test_palette_cmyk_and_alpha_colour_images(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "colour"
+    (root / "a").mkdir(parents=True)
+    rgb = np.array([[[255, 0, 0], [0, 128, 255]], [[10, 20, 30], [255, 255, 255]]], np.uint8)
+    Image.fromarray(rgb).save(root / "a" / "0_rgb.png")
+    Image.fromarray(rgb).quantize(4).save(root / "a" / "1_palette.png")
+    rgba = np.concatenate([rgb, np.full((2, 2, 1), 3, np.uint8)], axis=2)
+    Image.fromarray(rgba, "RGBA").save(root / "a" / "2_rgba.png")
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    cmyk.save(root / "a" / "3_cmyk.jpg", quality=100, subsampling=0)
+    pal = Image.fromarray(rgb).quantize(4)
+    pal.info["transparency"] = 0
+    pal.save(root / "a" / "4_palette_transparent.png", transparency=0)
+    ds = load_data(DataConfig(source=str(root), eval_source=str(root)))
+    assert ds.x.shape[1:] == (3, 2, 2)
+    got = dict(zip(sorted(p.name for p in (root / "a").iterdir()), ds.x_test.transpose(0, 2, 3, 1)))
+    want = rgb.astype(np.float32) / 255
+    for name in ("0_rgb.png", "1_palette.png", "2_rgba.png", "4_palette_transparent.png"):
+        np.testing.assert_allclose(got[name], want, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(got["3_cmyk.jpg"], want, atol=0.05)  # JPEG: close, not exact
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "phone"
+    (root / "a").mkdir(parents=True)
+    arr = np.array([[0, 50, 100], [150, 200, 250]], np.uint8)  # 2 rows x 3 columns as stored
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    im.save(root / "a" / "0.jpg", exif=exif, quality=100, subsampling=0)
+    ds = load_data(DataConfig(source=str(root), eval_source=str(root)))
+    shown = np.asarray(Image.fromarray(arr).transpose(Image.Transpose.ROTATE_270), np.float32) / 255
+    assert ds.x.shape[2:] == (3, 2)  # displayed upright: 3 rows x 2 columns
+    np.testing.assert_allclose(ds.x[0, 0], shown, atol=0.03)
+
+
+def test_images_whose_scale_is_unknown_are_errors_not_clipped(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "odd"
+    (root / "a").mkdir(parents=True)
+    Image.fromarray(np.array([[0.0, 2.5]], np.float32)).save(root / "a" / "0.tif")
+    with pytest.raises(CompressError, match=r"0\.tif holds floats \(mode F\) from 0 to 2\.5"):
+        load_data(DataConfig(source=str(root), eval_source=str(root)))
+    (root / "a" / "0.tif").unlink()
+    Image.fromarray(np.array([[0, 70000]], np.int32), "I").save(root / "a" / "1.tif")
+    with pytest.raises(CompressError, match=r"1\.tif holds integers .* outside 0\.\.65535"):
+        load_data(DataConfig(source=str(root), eval_source=str(root)))
+
+
+def _bomb_folder(root: Path, first: bool) -> Path:
+    """A folder whose PNG header claims 30000 x 30000 pixels (900 M; a tiny file: PIL reads the header lazily)."""
+    _png(root / "a" / "1.png", 10)
+    _png(root / "b" / "1.png", 200)
+    (root / "a" / ("0.png" if first else "2.png")).write_bytes(_png_bytes(30000, 30000, 8, 0, b"\x00" * 30001))
+    return root
+
+
+def test_decompression_bomb_is_a_compress_error_naming_the_file(tmp_path, cli, tiny):
+    with pytest.raises(CompressError, match=r"2\.png \(30000x30000\) is 900,000,000 pixels, over the limit of 89,478,485"):
+        load_data(DataConfig(source=str(_bomb_folder(tmp_path / "later", first=False)), eval_source=str(tmp_path / "later")))
+    root = _bomb_folder(tmp_path / "first", first=True)
+    code, _, err = cli("distill", "--teacher", tiny.torchscript, "--data", root, "--eval-data", root, "--out", tmp_path / "run")
+    assert code == 2 and "0.png" in err and "--max-image-pixels" in err and err.count("\n") == 1, err
+
+
+def test_max_image_pixels_and_image_size_limits(tmp_path, cli, tiny):
+    root = _folder(tmp_path / "pics", n=2)
+    with pytest.raises(CompressError, match=r"0\.png \(8x8\) is 64 pixels, over the limit of 50"):
+        load_data(DataConfig(source=str(root), max_image_pixels=50))
+    assert load_data(DataConfig(source=str(root), max_image_pixels=64)).x.shape[2:] == (8, 8)
+    with pytest.raises(CompressError, match=r"image size 10000x10000 .* 100,000,000 pixels, over the limit of 89,478,485"):
+        load_data(DataConfig(source=str(root), image_size=[10000, 10000]))
+    code, _, err = cli("distill", "--teacher", tiny.torchscript, "--data", root, "--image-size", "10000x10000", "--out", tmp_path / "run1")
+    assert code == 2 and "over the limit of 89,478,485 (--max-image-pixels)" in err and err.count("\n") == 1, err
+    code, _, err = cli("distill", "--teacher", tiny.torchscript, "--data", root, "--image-size", "100000x100000", "--out", tmp_path / "run2")
+    assert code == 2 and "--image-size" in err, err  # refused when parsed (each side at most 16384), or by the pixel limit
+    code, _, err = cli("distill", "--teacher", tiny.torchscript, "--data", root, "--max-image-pixels", "50", "--out", tmp_path / "run50")
+    assert code == 2 and "over the limit of 50 (--max-image-pixels)" in err, err

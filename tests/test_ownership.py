@@ -178,3 +178,20 @@ def test_the_lock_is_reentrant_in_one_process(finished_run):
         with run_lock(finished_run):
             pass
         assert (finished_run / LOCK).read_text().split()[0] == str(os.getpid())
+
+
+@pytest.mark.parametrize("sub", ["cache", "checkpoints"])
+def test_a_run_whose_own_folders_are_links_elsewhere_is_refused(finished_run, tmp_path, cli, sub):
+    """A run folder that travelled (an artifact) must not steer the tool's writes into the user's folders."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns(LOCK))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("mine")
+    if (run / sub).exists():
+        shutil.rmtree(run / sub)
+    (run / sub).symlink_to(victim, target_is_directory=True)
+    for argv in (("export", run, "--force"), ("--teacher", "x", "--out", run)):
+        code, _, err = cli(*argv)
+        assert code == 2 and "is a symbolic link" in err, err
+    assert sorted(p.name for p in victim.iterdir()) == ["keep"]

@@ -3,10 +3,13 @@ operation ONNX cannot export, a kill during export. Each is one line on stderr, 
 and nothing half-written."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import random
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -144,6 +147,208 @@ def test_bad_input_is_one_line_and_exit_2(cli, tiny, tmp_path, case):
     assert not (out / "student.pt").exists() and not _temps(tmp_path)
     if (out / "compress.log").exists() and out.joinpath("manifest.json").exists():
         assert "Traceback" in (out / "compress.log").read_text(), "the run's log keeps the full trace"
+
+
+# --- parse-time ranges, manifests of the wrong shape, special files, remote options: exit 2, never 1 or a hang -------
+class _Hung(BaseException):
+    """Raised by the guard's alarm: a BaseException, so compressor.cli.main cannot turn it into an exit code."""
+
+
+@contextlib.contextmanager
+def _guard(seconds: int = 30, extra_bytes: int = 3 << 30):
+    """Fail (never hang, never eat the machine's memory) when a read blocks on a FIFO or runs on through /dev/zero:
+    an alarm raises _Hung, and the address space may grow by extra_bytes at most (a MemoryError, exit 1)."""
+    import resource
+
+    def _alarm(signum, frame):
+        raise _Hung(f"still running after {seconds} s: a read blocked")
+
+    old_handler = signal.signal(signal.SIGALRM, _alarm)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    vm = int(next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmSize:")).split()[1]) * 1024
+    limit = vm + extra_bytes if hard == resource.RLIM_INFINITY else min(hard, vm + extra_bytes)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        signal.signal(signal.SIGALRM, old_handler)
+
+
+def _fifo(d: Path, name: str) -> Path:
+    p = d / name
+    os.mkfifo(p)
+    return p
+
+
+def _manifest_run(distilled: Path, d: Path, change) -> Path:
+    """A copy of a finished distill run whose manifest.json was changed by change(manifest)."""
+    run = _copy_run(distilled, d / "run-m")
+    m = json.loads((run / "manifest.json").read_text())
+    m = change(m)
+    (run / "manifest.json").write_text(m if isinstance(m, str) else json.dumps(m))
+    return run
+
+
+def _set(m: dict, path: str, value) -> dict:
+    *keys, last = path.split(".")
+    node = m
+    for k in keys:
+        node = node[k]
+    node[last] = value
+    return m
+
+
+def _run_with_report(distilled: Path, d: Path) -> Path:
+    run = _copy_run(distilled, d / "run-r")
+    (run / "report.json").write_bytes((Path(__file__).parent / "data" / "report.json").read_bytes())
+    return run
+
+
+_DISTILL = lambda t, d: ["distill", "--teacher", t.torchscript, "--data", t.npz, "--target", "cpu", "--steps", 2, "--no-baseline",  # noqa: E731
+                         "--out", d / "out"]
+# case -> (argv from (tiny, tmp, distilled run), a fragment of stderr)
+EXIT_2_CASES = {
+    "seed-negative": (lambda t, d, r: [*_DISTILL(t, d), "--seed", "-1"], "--seed"),
+    "seed-too-large": (lambda t, d, r: [*_DISTILL(t, d), "--seed", str(2**64)], "--seed"),
+    "std-inf": (lambda t, d, r: [*_DISTILL(t, d), "--std", "inf"], "not a finite number"),
+    "std-nan": (lambda t, d, r: [*_DISTILL(t, d), "--std", "nan"], "not a finite number"),
+    "std-zero": (lambda t, d, r: [*_DISTILL(t, d), "--std", "0"], "std must be > 0"),
+    "std-negative": (lambda t, d, r: [*_DISTILL(t, d), "--std", "0.5,-0.2,0.5"], "std must be > 0"),
+    "mean-nan": (lambda t, d, r: [*_DISTILL(t, d), "--mean", "nan"], "not a finite number"),
+    "mean-inf": (lambda t, d, r: [*_DISTILL(t, d), "--mean", "0.5,inf,0.5"], "not a finite number"),
+    "mean-four-values": (lambda t, d, r: [*_DISTILL(t, d), "--mean", "0.1,0.2,0.3,0.4"], "at most 3"),
+    "mean-count-vs-channels": (lambda t, d, r: [*_DISTILL(t, d), "--channels", "1", "--mean", "0.1,0.2,0.3"], "--channels 1"),
+    "mean-count-vs-std-count": (lambda t, d, r: [*_DISTILL(t, d), "--mean", "0.1,0.2", "--std", "0.1,0.2,0.3"], "--mean has 2 values but --std has 3"),
+    "image-size-zero": (lambda t, d, r: [*_DISTILL(t, d), "--image-size", "0x5"], "--image-size"),
+    "image-size-huge": (lambda t, d, r: [*_DISTILL(t, d), "--image-size", "100000x100000"], "--image-size"),
+    "epochs-inf": (lambda t, d, r: [*_DISTILL(t, d), "--epochs", "inf"], "--epochs"),
+    "lr-nan": (lambda t, d, r: [*_DISTILL(t, d), "--lr", "nan"], "--lr"),
+    "mixup-inf": (lambda t, d, r: [*_DISTILL(t, d), "--mixup", "inf"], "--mixup"),
+    "int8-tolerance-nan": (lambda t, d, r: [*_DISTILL(t, d), "--int8-tolerance", "nan"], "--int8-tolerance"),
+    "batch-size-huge": (lambda t, d, r: [*_DISTILL(t, d), "--batch-size", str(2**63)], "--batch-size"),
+    "threads-huge": (lambda t, d, r: ["bench", r, "--threads", str(2**40)], "--threads"),
+    "min-duration-nan": (lambda t, d, r: ["bench", r, "--min-duration", "nan"], "--min-duration"),
+    "batch-sweep-zero": (lambda t, d, r: ["bench", r, "--batch-sweep", "0,8"], "--batch-sweep"),
+    "atol-inf": (lambda t, d, r: ["export", r, "--atol", "inf"], "--atol"),
+    "gate-max-accuracy-drop-nan": (lambda t, d, r: ["gate", r, "--baseline", r, "--max-accuracy-drop", "nan"], "--max-accuracy-drop"),
+    "manifest-config-list": (lambda t, d, r: ["export", _manifest_run(r, d, lambda m: {"manifest_version": 1, "config": []})],
+                             "not a manifest of this tool"),
+    "manifest-config-wrong-type": (lambda t, d, r: ["export", _manifest_run(r, d, lambda m: _set(m, "config.distill.steps", "ten"))],
+                                   "DistillConfig: steps must be an integer"),
+    "manifest-config-nan": (lambda t, d, r: ["export", _manifest_run(r, d, lambda m: _set(m, "config.distill.lr", float("nan")))],
+                            "DistillConfig: lr must be a finite number"),
+    "manifest-config-target-list": (lambda t, d, r: ["export", _manifest_run(r, d, lambda m: _set(m, "config.target", ["cpu"]))],
+                                    "CompressConfig: target must be a string"),
+    "manifest-stages-list": (lambda t, d, r: ["export", _manifest_run(r, d, lambda m: _set(m, "stages", []))], "'stages' is list"),
+    "manifest-stage-not-object": (lambda t, d, r: ["export", _manifest_run(r, d, lambda m: _set(m, "stages.distill", "done"))],
+                                  "stage 'distill' is str"),
+    "manifest-outputs-not-paths": (lambda t, d, r: ["export", _manifest_run(r, d, lambda m: _set(m, "stages.distill.outputs", {"student": 3}))],
+                                   "'outputs' must map names"),
+    "manifest-inputs-missing": (lambda t, d, r: ["bundle", _manifest_run(r, d, lambda m: {k: v for k, v in m.items() if k != "inputs"})],
+                                "'inputs' is missing"),
+    "target-fifo": (lambda t, d, r: [*_DISTILL(t, d)[:-2], "--target", _fifo(d, "board.toml"), "--out", d / "out"], "not a regular file (a FIFO)"),
+    "target-dev-zero": (lambda t, d, r: [*_DISTILL(t, d)[:-2], "--target", "/dev/zero", "--out", d / "out"], "not a regular file (a device)"),
+    "target-fifo-shown": (lambda t, d, r: ["targets", _fifo(d, "board.toml")], "not a regular file (a FIFO)"),
+    "data-fifo": (lambda t, d, r: [*_DISTILL(t, d), "--data", _fifo(d, "data.npz")], "not a regular file"),
+    "merge-fifo": (lambda t, d, r: ["report", _run_with_report(r, d), "--merge", _fifo(d, "device.json")], "not a regular file (a FIFO)"),
+    "merge-dev-zero": (lambda t, d, r: ["report", _run_with_report(r, d), "--merge", "/dev/zero"], "not a regular file (a device)"),
+    "remote-host-newline": (lambda t, d, r: ["bench", r, "--remote", "pi@host\n"], "is not a host"),
+    "remote-host-space": (lambda t, d, r: ["bench", r, "--remote", "pi@host -oProxyCommand=x"], "is not a host"),
+    "remote-dir-newline": (lambda t, d, r: ["bench", r, "--remote", "pi@host", "--remote-dir", "/tmp/a\n/tmp/b"], "--remote-dir"),
+    "remote-dir-control": (lambda t, d, r: ["bench", r, "--remote", "pi@host", "--remote-dir", "/tmp/a\x1b[2J"], "control character"),
+    "ssh-option-proxycommand": (lambda t, d, r: ["bench", r, "--remote", "pi@host", "--ssh-option", "ProxyCommand=touch /tmp/pwned"],
+                                "~/.ssh/config"),
+    "ssh-option-localcommand-any-case": (lambda t, d, r: ["bench", r, "--remote", "pi@host", "--ssh-option", "permitlocalcommand=yes",
+                                                          "--ssh-option", "localcommand=id"], "refused"),
+}
+
+
+@pytest.mark.parametrize("case", list(EXIT_2_CASES))
+def test_parse_time_and_special_file_errors_are_exit_2(cli, tiny, distilled, tmp_path, case):
+    """Each was exit 1 (an internal error), a hang, or a silent acceptance: now exit 2 with one error line (ours) or
+    click's usage error naming the option, no traceback; nothing in the distilled run is changed."""
+    make, fragment = EXIT_2_CASES[case]
+    run = _copy_run(distilled, tmp_path / "run")
+    before = (run / "manifest.json").read_bytes()
+    argv = make(tiny, tmp_path, run)
+    with _guard():
+        code, out, err = cli("-q", *argv)
+    assert code == 2, (code, out, err)
+    assert "Traceback" not in err and "internal error" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    if lines[0].startswith("error:"):
+        assert len(lines) == 1, err
+    else:  # click's usage error: (Usage:, Try ...,) Error: naming the option
+        assert lines[-1].startswith("Error:") and all(ln.startswith(("Usage:", "Try ")) for ln in lines[:-1]), err
+    assert fragment in err, err
+    assert (run / "manifest.json").read_bytes() == before
+    assert not (tmp_path / "out" / "student.pt").exists()
+    if case.startswith("ssh-option"):
+        assert not Path("/tmp/pwned").exists()
+
+
+def test_read_regular_file_refuses_what_is_not_a_small_regular_file(tmp_path):
+    from compressor._io import read_regular_file
+
+    (tmp_path / "ok.toml").write_bytes(b"x = 1\n")
+    assert read_regular_file(tmp_path / "ok.toml", "profile", 6) == b"x = 1\n"
+    cases = {tmp_path / "ok.toml": "is larger than 5 bytes", tmp_path: "is a folder", tmp_path / "nope": "does not exist",
+             _fifo(tmp_path, "fifo"): "not a regular file (a FIFO)", Path("/dev/zero"): "not a regular file (a device)"}
+    for path, fragment in cases.items():
+        with _guard(10), pytest.raises(CompressError, match=re.escape(fragment)) as info:
+            read_regular_file(path, "profile", 5, hint="pass a profile")
+        assert str(info.value).startswith(f"profile {path} ") and str(info.value).endswith("(pass a profile)")
+    os.symlink(tmp_path / "fifo", tmp_path / "link.toml")  # a link is followed: to a FIFO, refused all the same
+    with _guard(10), pytest.raises(CompressError, match="FIFO"):
+        read_regular_file(tmp_path / "link.toml", "profile", 5)
+    # the readers that route through it, called directly (the CLI checks other things first for these)
+    from compressor.models import load_teacher
+    from compressor.run import Run
+
+    (tmp_path / "run").mkdir()
+    _fifo(tmp_path / "run", "manifest.json")
+    with _guard(10), pytest.raises(CompressError, match=r"manifest .*manifest.json is not a regular file \(a FIFO\)"):
+        Run._read(tmp_path / "run")
+    with _guard(10), pytest.raises(CompressError, match="teacher .* is not a regular file"):
+        load_teacher(tmp_path / "fifo")
+
+
+# --- printed paths are shell-quoted: pasting a hint never runs a $(...) from a folder's name ----------------------
+def _pasted(line: str, cwd: Path) -> list[str]:
+    """What a POSIX shell makes of a printed command: its words, after the shell has read it (nothing is run)."""
+    proc = subprocess.run(["sh", "-c", f'set -- {line}; for a in "$@"; do printf "%s\\0" "$a"; done'], capture_output=True, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.decode().split("\0")[:-1]
+
+
+def test_printed_paths_are_quoted_for_the_shell(cli, distilled, tmp_path, monkeypatch):
+    weird = tmp_path / "$(touch PWNED) a b" / "it's `id` run"
+    weird.parent.mkdir()
+    run = _run_with_report(distilled, tmp_path)
+    run.rename(weird)
+    code, out, err = cli("-q", "report", weird)
+    assert code == 0, err
+    line = next(ln for ln in out.splitlines() if ln.startswith("report: "))
+    assert shlex.split(line)[1] == str(weird / "report.md")
+    assert _pasted(line, tmp_path)[1] == str(weird / "report.md")
+    # the resume hint after Ctrl-C repeats the command with every argument quoted
+    from compressor import api as api_mod
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api_mod, "distill", interrupted)
+    out_dir = tmp_path / "$(touch PWNED) out dir"
+    code, _, err = cli("distill", "--steps", 3, "--out", out_dir)
+    assert code == 130, err
+    hint = err[err.index("Resume with: ") + len("Resume with: "):].strip()
+    words = _pasted(hint, tmp_path)
+    assert words[:2] == ["compress", "distill"] and words[words.index("--out") + 1] == str(out_dir) and words[-1] == "--resume"
+    assert shlex.split(hint) == words
+    assert not list(tmp_path.rglob("PWNED")) and not Path("PWNED").exists()
 
 
 # --- disk and folders ---------------------------------------------------------------------------------

@@ -233,3 +233,55 @@ def test_ssh_argv_is_a_list_with_user_options_first_and_batch_mode():
 def test_bad_remote_options_are_exit_2(finished_run, cli, args, msg):
     code, _, err = cli("bench", finished_run, *args)
     assert code == 2 and msg in _error_line(err), err
+
+
+@pytest.mark.parametrize("args,msg", [(["--remote", "pi@host\n"], "is not a host"),
+                                      (["--remote", "pi@host", "--remote-dir", "/tmp/a\n/tmp/b"], "control character"),
+                                      (["--remote", "pi@host", "--ssh-option", "ProxyCommand=touch /tmp/x"], "~/.ssh/config")])
+def test_bad_remote_options_are_refused_before_any_local_bench(tmp_path, cli, args, msg):
+    """Parse-time usage errors: no run folder is even opened (this one is empty), so no minutes of local timing first."""
+    code, _, err = cli("bench", tmp_path, *args)
+    assert code == 2 and msg in _error_line(err) and "Usage:" in err, err
+
+
+def test_host_remote_dir_and_ssh_option_checks():
+    from compressor.errors import CompressError
+    from compressor.remote import LOCAL_CODE_OPTIONS, check_host, check_remote_dir, check_ssh_option
+
+    for good in ("pi@192.168.1.20", "host", "me@jetson.local", "a_b-c.d"):
+        assert check_host(good) == good
+    for bad in ("pi@host\n", "pi@host\r", "pi@ho st", "\tpi@host", "-oProxyCommand=x", "", "pi@host;id", "pi@$(id)"):
+        with pytest.raises(CompressError, match="is not a host"):
+            check_host(bad)
+    assert check_remote_dir("/tmp/a b/ça") == "/tmp/a b/ça"
+    for bad in ("", "/tmp/a\n/tmp/b", "/tmp/\x00", "/tmp/\x1b[2J", "/tmp/a\rb", "/tmp/\x85"):
+        with pytest.raises(CompressError, match="remote-dir"):
+            check_remote_dir(bad)
+    assert check_ssh_option("StrictHostKeyChecking=no") == "StrictHostKeyChecking=no"
+    for key in LOCAL_CODE_OPTIONS:
+        for spelled in (key, key.lower(), key.upper()):
+            with pytest.raises(CompressError, match=r"refused.*~/\.ssh/config"):
+                check_ssh_option(f"{spelled}=sh -c id")
+    with pytest.raises(CompressError, match="is not an ssh option"):
+        check_ssh_option("BatchMode=no\nProxyCommand=id")
+
+
+@pytest.mark.parametrize("remote_dir", ["abs with space", "relative dir", "-dash", None])
+def test_the_remote_folder_is_read_from_its_marked_line_whatever_else_is_printed(tmp_path, remote_dir):
+    """The mktemp command run by a local POSIX shell (as ssh runs it remotely), behind a login script that prints lines of
+    its own: the folder comes back absolute, made where asked, never a line of noise (which 'rm -rf' would later get)."""
+    from compressor.remote import _remote_folder, mktemp_command
+
+    home = tmp_path / "home"
+    home.mkdir()
+    arg = str(tmp_path / remote_dir) if remote_dir == "abs with space" else remote_dir
+    noise = "echo /etc; echo 'compress-bench.fake'; "
+    proc = subprocess.run(["sh", "-c", noise + mktemp_command(arg) + "; echo /tmp"], capture_output=True, text=True, cwd=home,
+                          env={**os.environ, "TMPDIR": str(tmp_path / "tmpdir"), "CDPATH": str(tmp_path)}, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    folder = _remote_folder(proc.stdout)
+    expected_parent = {"abs with space": tmp_path / "abs with space", "relative dir": home / "relative dir", "-dash": home / "-dash",
+                       None: tmp_path / "tmpdir"}[remote_dir]
+    assert folder is not None and Path(folder).is_dir() and Path(folder).parent == expected_parent.resolve(), proc.stdout
+    assert _remote_folder("/tmp/compress-bench.AAAAAAAA\n") is None  # an unmarked line is never taken for the folder
+    assert _remote_folder("compress-remote-dir:relative/compress-bench.AAAAAAAA\n") is None

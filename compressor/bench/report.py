@@ -18,18 +18,18 @@ REPORT_MAX_BYTES = 64 << 20  # reports are kilobytes; a larger file is refused b
 
 def load_report(path: str | Path) -> dict:
     """Read and validate a report.json."""
+    from .._io import read_regular_file
+
     p = Path(path)
+    if not p.exists() and not p.is_symlink():
+        raise CompressError(f"{p} does not exist", hint="run 'compress bench' first")
+    # a folder, a FIFO (would hang), /dev/zero (would fill the memory), or larger than a report can be
+    raw = read_regular_file(p, "", REPORT_MAX_BYTES, hint="pass a report.json written by 'compress bench'")
     try:
-        if p.is_file() and p.stat().st_size > REPORT_MAX_BYTES:
-            raise CompressError(f"{p} is larger than {REPORT_MAX_BYTES >> 20} MB; a report.json is a few kB", hint="pass a report.json written by 'compress bench'")
-        rep = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CompressError(f"{p} does not exist", hint="run 'compress bench' first") from None
-    except IsADirectoryError:
-        raise CompressError(f"{p} is a folder, not a report.json") from None
+        rep = json.loads(raw.decode("utf-8"))
     except RecursionError:
         raise CompressError(f"{p} is nested too deeply to be a report.json") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError) as exc:
         raise CompressError(f"{p} is not readable JSON: {str(exc)[:200]}") from None
     try:
         return validate_report(rep, str(p))
@@ -117,10 +117,11 @@ def build_report(run, models: list[dict]) -> dict:
                      "measure them with 'compress bundle' on the device or 'compress bench --remote'.")
     if distill.get("teacher_queries"):  # a black-box flow: the rows and calls the teacher was asked for
         rep["checks"]["distill"]["teacher_queries"] = {k: v for k, v in distill["teacher_queries"].items() if k in QUERY_KEYS}
-    bench_teacher = run.__dict__.get("teacher")  # the bench stage's own queries of a black-box teacher (held-out rows, latency)
-    if bench_teacher is not None and hasattr(bench_teacher, "answers"):
-        notes.append(f"The teacher is a black box ({bench_teacher.format}): the bench stage asked it about {bench_teacher.rows:,} rows "
-                     f"in {bench_teacher.calls:,} calls (held-out accuracy and latency).")
+    held = distill.get("teacher_heldout_queries")  # a black box's held-out accuracy and latency, measured by distill (api._save_code_free)
+    if isinstance(held, dict) and held.get("calls"):
+        notes.append(f"The teacher is a black box ({distill.get('teacher_format')}): the distill stage also asked it about {held['rows']:,} rows "
+                     f"in {held['calls']:,} calls for its held-out accuracy and latency (later stages never query it).")
+    notes.extend(n for n in distill.get("notes") or [] if isinstance(n, str))  # the distill stage's own (how the teacher's outputs were read)
     if distill.get("search"):  # --search: every trial and the settings the student was trained with
         rep["search"] = {k: v for k, v in distill["search"].items() if k in SEARCH_KEYS}
         best = rep["search"]["best"]

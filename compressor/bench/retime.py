@@ -56,6 +56,8 @@ def timing_file(row: dict) -> str | None:
 
 def load_sample(path: Path) -> np.ndarray:
     try:
+        if not path.is_file():  # a FIFO would block np.load forever, a device would never end
+            raise CompressError(f"{path} is not a regular file; a latency sample is an .npy file")
         if path.stat().st_size > SAMPLE_MAX_BYTES:
             raise CompressError(f"{path} is larger than {SAMPLE_MAX_BYTES >> 20} MB; a latency sample is one batch")
         x = np.load(path, allow_pickle=False)
@@ -98,12 +100,13 @@ def _read_marker(folder: Path) -> dict:
     """The bundle's file list, after checking every listed file against its checksum."""
     from .._io import sha256_file
 
+    from .._io import read_regular_file
+
     mpath = folder / MARKER
+    raw = read_regular_file(mpath, "baseline marker", 1 << 20)  # never a FIFO (would hang) or a device
     try:
-        if mpath.stat().st_size > 1 << 20:
-            raise ValueError("larger than 1 MB")
-        m = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        m = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CompressError(f"{mpath} is not a readable baseline marker: {str(exc)[:200]}") from None
     if not (isinstance(m, dict) and m.get("kind") == MARKER_KIND and m.get("version") == 1 and isinstance(m.get("files"), dict)
             and all(isinstance(k, str) and isinstance(v, str) for k, v in m["files"].items())):
@@ -157,10 +160,13 @@ def _run_teacher(side: Side) -> tuple[Path | None, str]:
     """The teacher file a run's manifest recorded, when it is still there with the same sha256."""
     from .._io import sha256_file
 
+    from .._io import read_regular_file
+
     try:
-        rec = json.loads((side.root / "manifest.json").read_text(encoding="utf-8"))["inputs"]["teacher"]
+        raw = read_regular_file(side.root / "manifest.json", "manifest", 64 << 20)  # never a FIFO (would hang) or a device
+        rec = json.loads(raw.decode("utf-8"))["inputs"]["teacher"]
         path, digest = Path(rec["path"]), rec["sha256"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+    except (CompressError, ValueError, KeyError, TypeError, RecursionError):
         return None, "the run's manifest records no teacher file"
     if not isinstance(digest, str) or not path.is_file():
         return None, f"the run's teacher file {path} is not there"

@@ -51,18 +51,27 @@ def _one(name: str, role: str, precision: str, runner: Runner, path: Path, param
     }, pred
 
 
+def teacher_row(run, teacher, cfg: BenchConfig, num_classes: int | None) -> tuple[dict, np.ndarray, Runner, BenchConfig]:
+    """The teacher's row, its class for each held-out row, its runner and the settings it was timed with."""
+    t_runner = TeacherRunner(teacher, cfg.threads, num_classes=num_classes)
+    # a black box (callable or command) may be slow or paid per call: a short latency measurement is enough
+    t_cfg = replace(cfg, warmup_ms=0.0, warmup_runs=1, min_runs=min(cfg.min_runs, 10), min_duration_s=0.0) if hasattr(teacher, "answers") else cfg
+    row, pred = _one("teacher", "teacher", "fp32", t_runner, teacher.path, teacher.num_params() or 0, run, t_cfg, None)
+    return row, pred, t_runner, t_cfg
+
+
 def bench_models(run, cfg: BenchConfig) -> list[dict]:
     """Bench the teacher, the student (PyTorch, ONNX FP32, ONNX INT8) and the baseline when trained."""
-    teacher = run.teacher
     threads = cfg.threads
     distill = run.stage("distill")
     student_params = distill["result"]["params"]
-    t_runner = TeacherRunner(teacher, threads, num_classes=distill["result"].get("num_classes"))
-    # a black box (callable or command) may be slow or paid per call: a short latency measurement is enough
-    t_cfg = replace(cfg, warmup_ms=0.0, warmup_runs=1, min_runs=min(cfg.min_runs, 10), min_duration_s=0.0) if hasattr(teacher, "answers") else cfg
-    teacher_row, teacher_pred = _one("teacher", "teacher", "fp32", t_runner, teacher.path, teacher.num_params() or 0, run, t_cfg, None)
-    rows = [teacher_row]
-    runners = [(teacher_row, t_runner, t_cfg)]
+    recorded = run.blackbox_teacher_row()
+    if recorded is not None:  # a black box is never queried after distill: the row that stage measured (api._save_code_free)
+        t_row, teacher_pred, runners = recorded, run.teacher_heldout_pred(), []
+    else:
+        t_row, teacher_pred, t_runner, t_cfg = teacher_row(run, run.teacher, cfg, distill["result"].get("num_classes"))
+        runners = [(t_row, t_runner, t_cfg)]
+    rows = [t_row]
 
     def add(*args):
         rows.append(_one(*args, run, cfg, teacher_pred)[0])
@@ -115,7 +124,8 @@ def _save_timing_copies(run, cfg: BenchConfig, student, row: dict) -> None:
             np.save(fh, x1, allow_pickle=False)
     try:
         with torch.inference_mode(False), torch.no_grad():
-            traced = torch.jit.trace(student.eval(), torch.from_numpy(x1), check_trace=False, strict=False)
+            traced = student if isinstance(student, torch.jit.ScriptModule) else \
+                torch.jit.trace(student.eval(), torch.from_numpy(x1), check_trace=False, strict=False)  # the run's copy is one already
         with TorchRunner(traced, cfg.threads) as r:  # the copy must run and give the student's logits, or it is not kept
             y = r.infer(x1)
         with TorchRunner(student, cfg.threads) as r:

@@ -61,6 +61,8 @@ def load_data(cfg: DataConfig, *, teacher_input_shape: tuple | None = None, cach
             from ._folder import load_image_folder
 
             ds = load_image_folder(cfg, teacher_input_shape)
+        elif not path.is_file():  # a FIFO would block the reader forever, /dev/zero would never end
+            raise CompressError(f"data {src} is not a regular file (a FIFO, a device or a socket)", hint="pass an .npz file, an image folder, or 'mnist1d'")
         else:
             from ._npz import load_npz
 

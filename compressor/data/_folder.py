@@ -1,6 +1,7 @@
 """Image folders in the torchvision ImageFolder layout: root/<class>/<image>."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -25,21 +26,116 @@ def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, items
 
 
-def _read(items, size: tuple[int, int], channels: int, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+# How each PIL mode becomes pixels in [0, 1]. 8-bit modes go through PIL's own conversion to L or RGB (the luma of
+# ITU-R 601-2 for grey; palettes and CMYK, YCbCr, LAB, HSV to RGB) and are divided by 255. Alpha is dropped, keeping
+# the stored colour as torchvision's loader does. 16-bit greyscale (I;16 and its byte orders, and 32-bit integer images,
+# which PIL uses for 16-bit data) is divided by 65535, so 8- and 16-bit images in one folder share the [0, 1] scale;
+# PIL's .convert("L") would clip every value above 255 instead. Float images (F) must already lie in [0, 1].
+GREY_MODES = {"1", "L", "LA", "La", "I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+MAX_16BIT = 65535
+
+
+@contextlib.contextmanager
+def _pixel_limit(limit: int | None):
+    """PIL's own decompression-bomb guard handed over to _open's while the folder is read: the same check at the same
+    point (the header, before any pixel is decoded), but at --max-image-pixels and naming the file in one line."""
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+ORIENTATION = 0x0112  # the EXIF tag; 5-8 are quarter turns (width and height swap)
+
+
+def _orientation(im) -> int:
+    """The EXIF orientation (1: as stored); a damaged EXIF block counts as none, the pixels may still be fine."""
+    try:
+        return int(im.getexif().get(ORIENTATION, 1))
+    except Exception:
+        return 1
+
+
+def _too_big(what: str, pixels: int, limit: int | None) -> CompressError | None:
+    if limit is None or pixels <= limit:
+        return None
+    return CompressError(f"{what} is {pixels:,} pixels, over the limit of {limit:,} (--max-image-pixels)",
+                         hint="a header this large is usually a decompression bomb; for a real image that large, shrink it "
+                              "or raise --max-image-pixels")
+
+
+def _open(f: Path, limit: int | None):
+    """The image at f, opened lazily (header only) and checked against the pixel limit before any pixel is decoded
+    (call inside _pixel_limit)."""
     from PIL import Image, UnidentifiedImageError
 
-    mode = "L" if channels == 1 else "RGB"
+    try:
+        im = Image.open(f)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise CompressError(f"cannot read image {f}: {exc}", hint="remove or replace the file") from None
+    err = _too_big(f"image {f} ({im.size[0]}x{im.size[1]})", im.size[0] * im.size[1], limit)
+    if err is not None:
+        im.close()
+        raise err
+    return im
+
+
+def _pixels(im, f: Path, size: tuple[int, int], channels: int) -> np.ndarray:
+    """One image as float32 (channels, H, W) in [0, 1], EXIF-oriented, at `size` (bilinear)."""
+    from PIL import Image, ImageOps
+
+    if _orientation(im) != 1:  # most files have none: skip exif_transpose's copy
+        im = ImageOps.exif_transpose(im)
+    mode = im.mode
+    hw = (size[1], size[0])
+    if mode in HIGH_BIT_MODES:
+        a = np.asarray(im)
+        if mode == "F":
+            if not np.isfinite(a).all() or a.min(initial=0) < 0 or a.max(initial=0) > 1:
+                raise CompressError(f"image {f} holds floats (mode F) from {np.nanmin(a):.4g} to {np.nanmax(a):.4g}; only [0, 1] has a known scale",
+                                    hint="save it scaled to [0, 1], or as an 8- or 16-bit image")
+            a = a.astype(np.float32)
+        else:
+            if a.min(initial=0) < 0 or a.max(initial=0) > MAX_16BIT:
+                raise CompressError(f"image {f} holds integers (mode {mode}) from {int(a.min())} to {int(a.max())}, outside 0..65535; "
+                                    "their scale is unknown", hint="save it as an 8- or 16-bit image")
+            a = a.astype(np.float32) / MAX_16BIT
+        g = Image.fromarray(np.ascontiguousarray(a, np.float32))  # mode F: bilinear in float, no 8-bit rounding
+        if g.size != hw:
+            g = g.resize(hw, Image.BILINEAR)
+        a = np.asarray(g, np.float32)[None]
+        return np.repeat(a, 3, axis=0) if channels == 3 else a
+    if mode not in EIGHT_BIT_MODES:
+        raise CompressError(f"image {f} has PIL mode {mode}, which this tool does not read", hint="save it as 8- or 16-bit greyscale, RGB or RGBA")
+    if mode in ("P", "PA", "RGBa"):  # a palette's transparency and premultiplied alpha need RGBA on the way to RGB or L
+        im = im.convert("RGBA")
+    elif mode == "La":
+        im = im.convert("LA")
+    im = im.convert("L" if channels == 1 else "RGB")
+    if im.size != hw:
+        im = im.resize(hw, Image.BILINEAR)
+    a = np.asarray(im, np.float32) / 255.0
+    return a[None] if channels == 1 else a.transpose(2, 0, 1)
+
+
+def _read(items, size: tuple[int, int], channels: int, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    limit = cfg.max_image_pixels
     x = np.empty((len(items), channels, size[0], size[1]), np.float32)
-    for n, (f, _) in enumerate(items):
-        try:
-            with Image.open(f) as im:
-                im = im.convert(mode)
-                if im.size != (size[1], size[0]):
-                    im = im.resize((size[1], size[0]), Image.BILINEAR)
-                a = np.asarray(im, np.float32) / 255.0
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            raise CompressError(f"cannot read image {f}: {exc}", hint="remove or replace the file") from None
-        x[n] = a[None] if channels == 1 else a.transpose(2, 0, 1)
+    with _pixel_limit(limit):
+        for n, (f, _) in enumerate(items):
+            try:
+                with _open(f, limit) as im:
+                    x[n] = _pixels(im, f, size, channels)
+            except CompressError:
+                raise
+            except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt pixel data, found while decoding
+                raise CompressError(f"cannot read image {f}: {exc}", hint="remove or replace the file") from None
     if cfg.mean is not None or cfg.std is not None:
         mean = np.asarray(cfg.mean if cfg.mean is not None else [0.0] * channels, np.float32).reshape(-1, 1, 1)
         std = np.asarray(cfg.std if cfg.std is not None else [1.0] * channels, np.float32).reshape(-1, 1, 1)
@@ -64,8 +160,6 @@ def _heldout_root(root: Path, cfg: DataConfig) -> Path | None:
 
 def load_image_folder(cfg: DataConfig, teacher_input_shape: tuple | None):
     """Images scaled to [0,1] (then --mean/--std), sized and coloured as the teacher expects."""
-    from PIL import Image
-
     from . import Dataset, stratified_split
 
     root = Path(cfg.source)
@@ -78,14 +172,17 @@ def load_image_folder(cfg: DataConfig, teacher_input_shape: tuple | None):
         if size is None and isinstance(h, int) and isinstance(w, int):
             size = (h, w)
     if channels is None or size is None:
-        try:
-            with Image.open(items[0][0]) as im:
-                channels = channels or (1 if im.mode in ("L", "1", "I;16", "I", "F") else 3)
-                size = size or (im.size[1], im.size[0])
-        except OSError as exc:
-            raise CompressError(f"cannot read image {items[0][0]}: {exc}") from None
+        with _pixel_limit(cfg.max_image_pixels), _open(items[0][0], cfg.max_image_pixels) as im:
+            channels = channels or (1 if im.mode in GREY_MODES else 3)
+            # the size after EXIF orientation: a quarter turn swaps width and height
+            turned = _orientation(im) in (5, 6, 7, 8)
+            size = size or ((im.size[0], im.size[1]) if turned else (im.size[1], im.size[0]))
     if channels not in (1, 3):
         raise CompressError(f"--channels must be 1 or 3, got {channels}")
+    err = _too_big(f"the image size {size[0]}x{size[1]} (HxW, from --image-size, the teacher's input or the first image)",
+                   size[0] * size[1], cfg.max_image_pixels)
+    if err is not None:  # every image is resized to it: a size over the limit is refused like an image over it
+        raise err
     x, y = _read(items, size, channels, cfg)
     held_root = _heldout_root(root, cfg)
     if held_root is not None:

@@ -22,20 +22,21 @@ import time
 import numpy as np
 
 from ..errors import CompressError, did_you_mean
+from ..models.outputs import PROB_FLOOR, check_probabilities, log_probs, output_kind, output_note
 
 log = logging.getLogger("compressor")
 
-OUTPUT_KINDS = ("logits", "probs", "topk:K", "label")
+OUTPUT_KINDS = ("auto", "logits", "probs", "topk:K", "label")
 STRATEGIES = ("margin", "entropy")
-LOSS_FOR = {"logits": "bbkd", "probs": "bbkd", "topk": "topk", "label": "pseudo"}
+LOSS_FOR = {"auto": "bbkd", "logits": "bbkd", "probs": "bbkd", "topk": "topk", "label": "pseudo"}
 ROUND_STEPS_FRACTION = 0.5  # an intermediate round's student (used only to pick the next rows) trains for this share of the steps
-PROB_FLOOR = 1e-7  # probabilities are clipped here before the log
+LABEL_EXTRA_CLASSES = 1000  # a label teacher may name classes above the data's, up to max(2 x the data's classes, this)
 
 
 def parse_teacher_output(value: str) -> tuple[str, int | None]:
-    """'logits' | 'probs' | 'label' -> (kind, None); 'topk:K' -> ('topk', K). CompressError otherwise."""
+    """'auto' | 'logits' | 'probs' | 'label' -> (kind, None); 'topk:K' -> ('topk', K). CompressError otherwise."""
     v = str(value).strip().lower()
-    if v in ("logits", "probs", "label"):
+    if v in ("auto", "logits", "probs", "label"):
         return v, None
     if v.startswith("topk"):
         _, sep, k = v.partition(":")
@@ -44,8 +45,8 @@ def parse_teacher_output(value: str) -> tuple[str, int | None]:
         if int(k) < 1:
             raise CompressError(f"--teacher-output '{value}': K must be at least 1", hint="write topk:K with K >= 1, e.g. topk:5")
         return "topk", int(k)
-    raise CompressError(f"unknown --teacher-output '{value}'.{did_you_mean(v, ('logits', 'probs', 'topk', 'label'))}",
-                        hint="choose logits, probs, topk:K (e.g. topk:5) or label")
+    raise CompressError(f"unknown --teacher-output '{value}'.{did_you_mean(v, ('auto', 'logits', 'probs', 'topk', 'label'))}",
+                        hint="choose auto, logits, probs, topk:K (e.g. topk:5) or label")
 
 
 def check_settings(dcfg) -> tuple[str, int | None]:
@@ -80,27 +81,36 @@ def _online_features(dcfg) -> list[str]:
 
 
 def wanted(dcfg, teacher_spec: str | None) -> bool:
-    """Whether api._distill hands over to this flow: a budget, a non-logits teacher output, or a callable/command
-    teacher (so its calls are counted and cached) unless a feature that needs the teacher on every batch is on."""
+    """Whether api._distill hands over to this flow: a budget, a top-k or label teacher output, or a callable/command
+    teacher (so its calls are counted and cached) unless a feature that needs the teacher on every batch is on.
+    Model files answering logits or probabilities (asked, or detected) stay in api's flow, where every loss, --search
+    and function matching work: their probabilities become log-probabilities where the teacher's outputs are read."""
     from ..models._blackbox_teacher import is_query_spec
 
-    if dcfg.query_budget or dcfg.teacher_output != "logits":
+    if dcfg.query_budget or parse_teacher_output(dcfg.teacher_output)[0] in ("topk", "label"):
         return True
     return is_query_spec(teacher_spec) and not _online_features(dcfg)
 
 
 # --- answers -> targets ------------------------------------------------------------------------------------------
-def num_classes_from(answers: np.ndarray, data_classes: int) -> int:
-    """Classes of the student: the width of score answers, else the data's labels and the class ids answered."""
+def num_classes_from(answers: np.ndarray, data_classes: int, who: str = "the teacher") -> int:
+    """Classes of the student: the width of score answers, else the data's labels and the class ids answered (ids
+    beyond max(2 x the data's classes, LABEL_EXTRA_CLASSES) are refused: every class costs a column of every target row)."""
     if answers.ndim == 2:
         return int(answers.shape[1])
-    return max(int(data_classes), int(answers.max(initial=-1)) + 1)
+    top = int(answers.max(initial=-1))
+    cap = max(2 * int(data_classes), LABEL_EXTRA_CLASSES)
+    if top >= cap:
+        raise CompressError(f"class id {top} (answered by {who}) is out of range: the data has {data_classes} classes, and a label "
+                            f"teacher may add classes only up to id {cap - 1}",
+                            hint="class ids must be 0..classes-1; check that the teacher and the data belong together")
+    return max(int(data_classes), top + 1)
 
 
 def to_targets(answers: np.ndarray, kind: str, k: int | None, num_classes: int, who: str = "the teacher") -> np.ndarray:
     """Turn raw answers ((N,) class ids or (N, C) scores) into the float32 (N, C) target array the losses read.
 
-    logits: as they are. probs: log of the probabilities clipped at 1e-7 (renormalised). topk:K: the log of the
+    logits: as they are. probs: log of the probabilities clipped at 1e-7 (renormalised; models/outputs.py). topk:K: the log of the
     teacher's distribution renormalised over each row's K largest scores (scores are read as probabilities when
     every one is in [0, 1] and rows sum to at most 1, else as logits), NaN for every other class. label: one-hot
     of the class id (or of the argmax of score rows)."""
@@ -109,6 +119,8 @@ def to_targets(answers: np.ndarray, kind: str, k: int | None, num_classes: int, 
     if kind != "label" and a.ndim != 2:
         raise CompressError(f"{who} answers class ids (shape ({n},)), but --teacher-output is {kind}{':' + str(k) if k else ''}",
                             hint="pass --teacher-output label for a teacher that answers labels only")
+    if kind == "auto":
+        kind = output_kind(a, kind, who)["kind"]
     if a.ndim == 2 and a.shape[1] != num_classes:
         raise CompressError(f"{who} answered {a.shape[1]} scores per row, expected {num_classes} (its earlier answers, or the data's classes)",
                             hint="answer every row with one score per class, the same classes every time")
@@ -129,13 +141,8 @@ def to_targets(answers: np.ndarray, kind: str, k: int | None, num_classes: int, 
     if kind == "logits":
         return a
     if kind == "probs":
-        sums = a.sum(1)
-        if (a < -1e-6).any() or (a > 1 + 1e-6).any() or (np.abs(sums - 1) > 0.05).any():
-            raise CompressError(f"{who}'s answers are not probabilities (values outside [0, 1] or rows not summing to 1: "
-                                f"min {a.min():.3g}, max {a.max():.3g}, row sums {sums.min():.3g}..{sums.max():.3g})",
-                                hint="use --teacher-output logits for raw scores")
-        p = np.clip(a, PROB_FLOOR, 1.0)
-        return np.log(p / p.sum(1, keepdims=True)).astype(np.float32)
+        check_probabilities(a, who)
+        return log_probs(a)
     # topk:K
     if k > num_classes:
         raise CompressError(f"--teacher-output topk:{k} asks for more classes than the teacher has ({num_classes})",
@@ -318,7 +325,7 @@ def distill_blackbox(run, resume: bool) -> tuple[dict, dict]:
             raise CompressError(f"{who} answers batches in different shapes", hint="answer every batch with (N,) class ids or (N, classes) scores, always the same")
         return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), calls
 
-    num_classes = None
+    num_classes, output = None, None
     queried, targets = np.zeros(0, np.int64), None
     rounds, scorer, teacher_seconds = [], None, 0.0
 
@@ -359,8 +366,11 @@ def distill_blackbox(run, resume: bool) -> tuple[dict, dict]:
             _save_cache(cache_path, key, cache)
             entry["cached"] = False
         if num_classes is None:
-            num_classes = num_classes_from(ans_r, ds.num_classes)
+            num_classes = num_classes_from(ans_r, ds.num_classes, who)
             check_classes(ds, num_classes)
+        if kind in ("auto", "logits", "probs") and ans_r.ndim == 2 and output is None:  # decided once, on the first answers
+            output = output_kind(ans_r, kind, who)
+            kind = output["kind"]
         t_r = to_targets(ans_r, kind, k, num_classes, who)
         queried = np.concatenate([queried, rows_r]).astype(np.int64)
         targets = t_r if targets is None else np.concatenate([targets, t_r])
@@ -390,12 +400,16 @@ def distill_blackbox(run, resume: bool) -> tuple[dict, dict]:
                          "resumed_from_step": res.resumed_from, "train_rows": int(len(jrows)), "history": res.history}
     total_rows, total_calls = sum(e["rows"] for e in rounds), sum(e["calls"] for e in rounds)
     results["teacher_queries"] = {
-        "output": dcfg.teacher_output, "budget": dcfg.query_budget, "strategy": dcfg.query_strategy,
+        "output": f"topk:{k}" if kind == "topk" else kind, "budget": dcfg.query_budget, "strategy": dcfg.query_strategy,
         "pool_rows": int(len(pool)), "rows": int(total_rows), "calls": int(total_calls),
         "rows_per_call": qbs, "loss": loss, "rounds": rounds,
     }
     results["teacher_pass_seconds"] = round(teacher_seconds, 2)
     results["teacher_online"] = False
+    if output is not None:
+        results["teacher_output"] = output
+        note = output_note(output)
+        results["notes"] = [note] if note else []
     results.update(student_record=record, num_classes=num_classes, val_rows=int(len(val)), preflight=preflight,
                    params=int(sum(p.numel() for p in student.parameters())), teacher_params=teacher_params,
                    teacher_format=teacher.format, data=ds.summary())

@@ -142,7 +142,7 @@ def quantization_aware_distill(run, chosen: dict, calib: np.ndarray, val, cfg, w
     if recipe.kind != "static":
         return {"skipped": f"the {recipe.name} recipe is not calibrated"}, None
     try:
-        student = run.load_trained("student")
+        student = run.load_trained("student", eager=True)  # an nn.Module to modify (user code: only with --trust)
     except CompressError as exc:
         return {"skipped": str(exc)}, None
     dcfg, ds = run.config.distill, run.data
@@ -162,7 +162,10 @@ def quantization_aware_distill(run, chosen: dict, calib: np.ndarray, val, cfg, w
         student(torch.from_numpy(np.ascontiguousarray(calib)))
     for m in fq:
         m.observing = False
-    targets, _ = _teacher_pool_logits(run, run.teacher, ds, dcfg)
+    try:
+        targets, _ = _teacher_pool_logits(run, run.teacher, ds, dcfg)
+    except CompressError as exc:  # a black box, or a teacher that needs code: not run again in a later stage
+        return {"skipped": str(exc)}, None
     targets = torch.from_numpy(np.array(targets, np.float32))
     x_all = torch.from_numpy(np.ascontiguousarray(ds.x))
     temp = float(dcfg.temperature)

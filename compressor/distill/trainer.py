@@ -138,7 +138,7 @@ class OnlineTeacher:
             with torch.no_grad(), torch.autocast("cuda", dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
                 y = t.module(xb)
             y = y[0] if isinstance(y, (tuple, list)) else y
-            return y.float()
+            return t.as_logits(y.float()) if hasattr(t, "as_logits") else y.float()  # probabilities become their log
         return torch.from_numpy(t.logits(xb.detach().cpu().numpy())).to(xb.device)
 
 

@@ -55,6 +55,8 @@ def locate_op(module, sample, op: str) -> str | None:
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    if isinstance(module, torch.jit.ScriptModule):  # a run's TorchScript copy of the student takes no hooks
+        return None
     names = {m: n for n, m in module.named_modules()}
     stack, found = [], []
 

@@ -21,6 +21,7 @@ from .teacher import Teacher
 
 CMD_PREFIX = "cmd:"
 COMMAND_TIMEOUT_S = 600.0  # per call: a command that hangs is an error, not a stuck run
+MAX_CLASS_ID = 2**31 - 1  # a class id above this cannot index a real output layer (nor, as a float, convert to int64 safely)
 
 
 def is_command_spec(spec: str | None) -> bool:
@@ -142,7 +143,7 @@ class QueryTeacher(Teacher):
         if out.ndim != 2:
             raise CompressError(f"{self.name} answers class ids (shape (N,)), not (N, classes) scores",
                                 hint="pass --teacher-output label for a teacher that answers labels only")
-        return out
+        return self.as_logits(out)
 
     def _run(self, xb: np.ndarray):
         if self.format == "callable":
@@ -208,6 +209,9 @@ def check_answer(ans, n: int, who: str) -> np.ndarray:
                                 hint="answer (N,) class ids, or (N, classes) scores with --teacher-output logits|probs|topk:K")
         if (arr < 0).any():
             raise CompressError(f"{who} answered negative class ids (min {arr.min()})", hint="class ids must be 0..classes-1")
+        if len(arr) and arr.max() > MAX_CLASS_ID:  # beyond int64 (a float 1e30) or any sane number of classes
+            raise CompressError(f"{who} answered class id {arr.max():.0f}, which is out of range (ids above {MAX_CLASS_ID:,} are refused)",
+                                hint="class ids must be 0..classes-1; check that the teacher answers class indices, not hashes or codes")
         return arr.astype(np.int64)
     return arr.astype(np.float32)
 

@@ -26,6 +26,8 @@ class Teacher:
     session: object | None = None  # onnxruntime.InferenceSession for ONNX teachers
     input_shape: tuple | None = None  # declared input shape when the format records one
     device: str = "cpu"  # where a white-box teacher runs (see to())
+    output: str = "logits"  # what its scores are: logits, or probs (logits() then returns their log); outputs.resolve_teacher_output
+    output_record: dict | None = None  # how that was decided (detected or asked), for the run's result and report
 
     def to(self, device: str) -> "Teacher":
         """Run a white-box teacher on `device` (e.g. 'cuda' for the pool logits); ONNX teachers stay on ONNX Runtime."""
@@ -64,7 +66,15 @@ class Teacher:
         out = np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
         if out.ndim != 2:
             raise CompressError(f"teacher {self.path.name} returns shape {out.shape[1:]} per row; expected a vector of class scores")
-        return out
+        return self.as_logits(out)
+
+    def as_logits(self, out: np.ndarray) -> np.ndarray:
+        """(N, C) scores as logits: probabilities (self.output == "probs") become their log."""
+        if self.output != "probs":
+            return out
+        from .outputs import log_probs
+
+        return log_probs(out)
 
     def _run(self, xb: np.ndarray) -> np.ndarray:
         try:
@@ -72,14 +82,17 @@ class Teacher:
                 inp = self.session.get_inputs()[0]
                 if xb.dtype.kind in "iu" and inp.type in _ONNX_INT:  # token ids in the integer type the model declares
                     xb = xb.astype(_ONNX_INT[inp.type])
-                return np.asarray(self.session.run(None, {inp.name: xb})[0], np.float32)
+                return _check_rows(np.asarray(self.session.run(None, {inp.name: xb})[0], np.float32), len(xb), self.path.name)
             import torch
 
             with torch.inference_mode(), torch.autocast("cuda", enabled=self.device == "cuda"):
                 y = self.module(torch.from_numpy(np.ascontiguousarray(xb)).to(self.device))
-            if isinstance(y, (tuple, list)):
+            if isinstance(y, (tuple, list)) and y:
                 y = y[0]
-            return y.float().cpu().numpy()
+            if not isinstance(y, torch.Tensor):
+                raise CompressError(f"teacher {self.path.name} returns {_describe(y)}, not a tensor of class scores",
+                                    hint="the teacher must return a (batch, classes) tensor (or a tuple whose first entry is one)")
+            return _check_rows(y.float().cpu().numpy(), len(xb), self.path.name)
         except CompressError:
             raise
         except Exception as exc:
@@ -105,6 +118,21 @@ class Teacher:
             m = onnx.load(str(self.path), load_external_data=False)
             return int(sum(int(np.prod(t.dims)) for t in m.graph.initializer))
         return None
+
+
+def _describe(y) -> str:
+    from .outputs import describe_output
+
+    return describe_output(y)
+
+
+def _check_rows(out: np.ndarray, n: int, name: str) -> np.ndarray:
+    """A batch's output must have one row per input row: a scalar or a batch-less output is a CompressError."""
+    if out.ndim == 0 or out.shape[0] != n:
+        what = "a scalar (a 0-d tensor)" if out.ndim == 0 else f"shape {out.shape}"
+        raise CompressError(f"teacher {name} returns {what} for a batch of {n} rows; expected (batch, classes) class scores",
+                            hint="the teacher must return one row of class scores per input row (no reduction such as .sum() or .mean() at the end)")
+    return out
 
 
 def sniff_format(path: Path) -> str:
@@ -146,6 +174,8 @@ def load_teacher(path: str | Path, arch: str | None = None, trust: bool = False,
         raise CompressError(f"teacher {p} does not exist")
     if p.is_dir():
         raise CompressError(f"teacher {p} is a folder; pass a model file (TorchScript, .pt2, ONNX or a state dict)")
+    if not p.is_file():  # a FIFO would block the loader forever, /dev/zero would be read until the memory runs out
+        raise CompressError(f"teacher {p} is not a regular file (a FIFO, a device or a socket)", hint="pass a model file")
     if p.stat().st_size == 0:
         raise CompressError(f"teacher {p} is empty")
     kind = sniff_format(p)
