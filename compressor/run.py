@@ -6,6 +6,7 @@ import contextlib
 import datetime as _dt
 import functools
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -338,7 +339,7 @@ class Run:
     def stage(self, stage: str) -> dict:
         st = self.manifest["stages"].get(stage)
         if not st or st.get("status") != "done":
-            raise CompressError(f"stage '{stage}' has not finished in {self.dir}", hint=f"run 'compress {stage} {self.dir}' first")
+            raise CompressError(f"stage '{stage}' has not finished in {self.dir}", hint=f"run 'compress {stage} {shlex.quote(str(self.dir))}' first")
         return st
 
     def begin(self, stage: str) -> None:

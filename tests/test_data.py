@@ -474,3 +474,10 @@ def test_max_image_pixels_and_image_size_limits(tmp_path, cli, tiny):
     assert code == 2 and "--image-size" in err, err  # refused when parsed (each side at most 16384), or by the pixel limit
     code, _, err = cli("distill", "--teacher", tiny.torchscript, "--data", root, "--max-image-pixels", "50", "--out", tmp_path / "run50")
     assert code == 2 and "over the limit of 50 (--max-image-pixels)" in err, err
+
+
+@pytest.mark.parametrize("flags", [{"mean": [0.5], "std": [0.2]}, {"image_size": [8, 8]}, {"channels": 1}])
+def test_image_only_options_on_array_data_are_refused_not_ignored(tiny, flags):
+    """--mean/--std/--image-size/--channels used to be dropped silently for an .npz: a run on unnormalised data."""
+    with pytest.raises(CompressError, match="apply to image folders only"):
+        load_data(DataConfig(source=str(tiny.npz), **flags))
