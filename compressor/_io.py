@@ -82,7 +82,8 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
+    # backslashreplace: a non-UTF-8 file name (os.fsdecode's surrogates) quoted in a report is written as \udcXX
+    write_bytes(path, text.encode("utf-8", "backslashreplace"))
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -205,7 +205,8 @@ def make_bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bo
         raise CompressError(f"{onnx_files['student.int8.onnx']} has no Q/DQ nodes, so TensorRT cannot build an INT8 engine from it",
                             hint=f"rerun 'compress quantize {shlex.quote(str(run.dir))} --force'")
 
-    out = Path(out) if out else run.dir / f"bundle-{target['name']}"
+    # absolute: '--out .' or '--out ""' must name a real folder (and its tarball a real sibling), not ''
+    out = Path(os.path.abspath(out)) if out is not None and str(out) != "" else run.dir / f"bundle-{target['name']}"
     tarball = out.with_name(out.name + ".tar.gz")
     from .ownership import check_bundle_out
 

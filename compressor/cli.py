@@ -61,7 +61,7 @@ def _log_to(run_dir: Path) -> None:
     path = Path(run_dir) / "compress.log"
     if not owns(path.parent) or any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in log.handlers):
         return
-    fh = logging.FileHandler(path, encoding="utf-8")
+    fh = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")  # a non-UTF-8 path in a message must not break logging
     fh.setLevel(logging.DEBUG)
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(fh)
@@ -671,6 +671,11 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 file name (surrogates from os.fsdecode) printed as \udcXX, not a crash
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass
     global _BUG_EXIT, _ARGV
     _BUG_EXIT = EXIT_BUG
     _ARGV = [str(a) for a in argv] if argv is not None else None

@@ -40,6 +40,28 @@ def _typed(v, hint, where: str):
     return v  # an int stays an int where a float is expected: the stage fingerprints hash the JSON as written
 
 
+# Bounds on the whole numbers of a config read from a file (a run's manifest, which may have travelled, or a gate.toml):
+# the CLI refuses the same values when it parses them; a field not named here takes DEFAULT_INT_BOUNDS.
+INT_BOUNDS = {
+    "seed": (0, 2**32 - 1), "threads": (1, 1024), "nproc_per_node": (1, 1024), "batch_size": (1, 1 << 20),
+    "eval_batch_size": (1, 1 << 20), "steps": (1, 10**9), "search_steps": (1, 10**9), "qat_steps": (0, 10**9),
+    "min_steps": (0, 10**9), "repeat": (1, 1000), "rounds": (5, 1000), "query_rounds": (1, 1000), "search": (0, 10000),
+    "opset": (13, 23), "channels": (1, 3), "image_size": (1, 16384), "evals": (1, 10**6), "warmup_runs": (0, 10**7),
+    "min_runs": (1, 10**7), "calibration_rows": (1, 10**7), "validation_rows": (1, 10**8), "check_rows": (1, 10**8),
+    "max_float_nodes": (0, 100000),
+}
+DEFAULT_INT_BOUNDS = (0, 10**12)
+
+
+def _bounded(v, name: str, where: str):
+    """v (an int or a list of ints, as typed) within INT_BOUNDS[name]; else a CompressError naming the field."""
+    low, high = INT_BOUNDS.get(name, DEFAULT_INT_BOUNDS)
+    for x in v if isinstance(v, list) else [v]:
+        if isinstance(x, int) and not isinstance(x, bool) and not low <= x <= high:
+            raise CompressError(f"{where} must be between {low} and {high}, not {x}")
+    return v
+
+
 class _Config:
     """Mixin: to_dict()/from_dict() with a version tag and a clear error on unknown keys."""
 
@@ -69,7 +91,7 @@ class _Config:
             if isinstance(sub, type) and issubclass(sub, _Config):
                 v = sub.from_dict(v)
             else:  # a hand-edited or foreign file: a wrong type fails here, not deep inside a stage
-                v = _typed(v, sub, f"{cls.__name__}: {k}")
+                v = _bounded(_typed(v, sub, f"{cls.__name__}: {k}"), k, f"{cls.__name__}: {k}")
             kwargs[k] = v
         return cls(**kwargs)
 

@@ -58,16 +58,26 @@ def _read_manifest(path: Path):
 
 
 def owns(path: Path) -> bool:
-    """A run folder, or a folder holding only what a claim leaves (run.lock, compress.log): the tool may write there."""
+    """A run folder, or a folder holding only what a claim leaves (run.lock, compress.log): the tool may write there.
+    An empty folder is not: `compress export EMPTY` writes nothing into it."""
     p = Path(path)
     if p.is_symlink() or not p.is_dir():
         return False
     if is_run_dir(p):
         return True
     try:
-        return {e.name for e in os.scandir(p)} <= CLAIM_FILES
+        entries = {e.name for e in os.scandir(p)}
     except OSError:
         return False
+    return bool(entries) and entries <= CLAIM_FILES  # an empty folder is not ours until a claim marks it
+
+
+def _resolve(p: Path, what: str) -> Path:
+    """p.resolve(), with a symbolic-link loop (RuntimeError before Python 3.13, OSError after) as a CompressError."""
+    try:
+        return p.resolve()
+    except (RuntimeError, OSError) as exc:
+        raise CompressError(f"{what} {p} cannot be resolved: {exc}", hint="a symbolic link loop? give a real folder") from None
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -84,11 +94,11 @@ def claim_run_dir(path: str | os.PathLike, data_sources: tuple = ()) -> Path:
     p = Path(path)
     if not is_writer():  # torchrun ranks but 0 write nothing; rank 0 claims the folder
         return p
-    resolved = p.resolve()
+    resolved = _resolve(p, "--out")
     for src in data_sources:
         if not src or src == "mnist1d":
             continue
-        s = Path(src).resolve()
+        s = _resolve(Path(src), "--data")
         if s.is_dir() and _inside(resolved, s):
             raise CompressError(f"--out {p} is inside the data folder {src}: the run's files would be read as data",
                                 hint="choose an --out outside the data folder")
@@ -107,7 +117,15 @@ def claim_run_dir(path: str | os.PathLike, data_sources: tuple = ()) -> Path:
             check_no_links_out(p)
     from ._io import ensure_dir
 
-    return ensure_dir(p)
+    ensure_dir(p)
+    if not is_run_dir(p):  # mark the folder ours before anything else lands in it (the manifest comes later)
+        try:
+            os.close(os.open(p / LOCK, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644))
+        except OSError as exc:
+            from ._io import _os_error
+
+            raise _os_error(exc, p / LOCK) from None
+    return p
 
 
 def check_no_links_out(run_dir: Path) -> None:
@@ -123,7 +141,7 @@ def check_no_links_out(run_dir: Path) -> None:
 
 def check_bundle_out(out: Path, tarball: Path, run_dir: Path, force: bool) -> None:
     """Refuse a bundle --out that would replace the run, or a folder or tarball the tool did not write."""
-    o, r = out.resolve(), Path(run_dir).resolve()
+    o, r = _resolve(out, "--out"), _resolve(Path(run_dir), "the run folder")
     if _inside(r, o):
         raise CompressError(f"--out {out} is the run folder or holds it: the bundle would replace the run",
                             hint="choose a new folder, e.g. the default RUN_DIR/bundle-<target>")
@@ -188,7 +206,7 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
 
     flock, so a killed holder (even SIGKILL) releases it; re-entrant within a process; processes started by the holder
     (torchrun's workers) inherit it. Without a writable folder (a read-only share) there is no writer to exclude."""
-    key = str(Path(run_dir).resolve())
+    key = str(_resolve(Path(run_dir), "the run folder"))
     if not is_writer() or os.environ.get(_LOCK_ENV) == key and key not in _HELD and _inherited(key):
         yield
         return

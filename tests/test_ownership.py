@@ -195,3 +195,63 @@ def test_a_run_whose_own_folders_are_links_elsewhere_is_refused(finished_run, tm
         code, _, err = cli(*argv)
         assert code == 2 and "is a symbolic link" in err, err
     assert sorted(p.name for p in victim.iterdir()) == ["keep"]
+
+
+def test_a_stage_command_on_an_empty_folder_leaves_it_empty(tmp_path, cli):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for cmd in ("export", "report", "bench", "bundle"):
+        assert cli(cmd, empty)[0] == 2
+    assert list(empty.iterdir()) == []
+
+
+def test_a_symlink_loop_as_run_folder_or_out_is_exit_2(tmp_path, cli, tiny):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    for argv in (("export", loop), ("bundle", tmp_path, "--out", loop), ("--teacher", tiny.torchscript, "--data", tiny.npz, "--out", loop)):
+        code, _, err = cli(*argv)
+        assert code == 2 and "internal error" not in err, (argv, err)
+
+
+@pytest.mark.parametrize("out", [".", ""])
+def test_bundle_out_dot_or_empty_is_the_working_folder_and_refused_when_it_holds_files(finished_run, tmp_path, cli, monkeypatch, out):
+    (tmp_path / "mine.txt").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("bundle", finished_run, f"--out={out}", "--force")
+    assert code == 2 and "not a deploy bundle folder" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_messages_with_non_utf8_paths_are_logged_without_a_logging_error(finished_run, tmp_path, cli):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns(LOCK))
+    code, out, err = cli("bundle", run, "--out", tmp_path / os.fsdecode(b"b-\xff\xfe"))
+    assert code == 0 and "Logging error" not in err and "Traceback" not in err, err
+    assert "\\udcff" in (run / "compress.log").read_text(encoding="utf-8")
+
+
+def test_fp16_io_flag_quantizes_benches_and_bundles(finished_run, tmp_path, cli):
+    """`compress quantize --fp16-io` fed float32 to a float16-input model and crashed (exit 1) before any FP16 file was kept."""
+    import onnxruntime as ort
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns(LOCK, "bundle-*"))
+    code, _, err = cli("quantize", run, "--fp16", "--fp16-io", "--force")
+    assert code == 0, err
+    assert ort.InferenceSession(str(run / "student.fp16.onnx")).get_inputs()[0].type == "tensor(float16)"
+    code, _, err = cli("bench", run, "--force", "--min-runs", 3, "--min-duration", 0.01, "--repeat", 1)
+    assert code == 0, err
+    import json
+
+    rows = {m["name"]: m for m in json.loads((run / "report.json").read_text())["models"]}
+    fp16 = [m for n, m in rows.items() if "fp16" in n]
+    assert fp16 and all(m["accuracy"] > 0.5 for m in fp16), rows.keys()
+
+
+@pytest.mark.parametrize("baseline", ["", "."])
+def test_update_baseline_never_writes_among_the_users_files(finished_run, tmp_path, cli, monkeypatch, baseline):
+    (tmp_path / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("gate", finished_run, f"--baseline={baseline}", "--update-baseline")
+    assert code == 2 and "holds files the tool did not write" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

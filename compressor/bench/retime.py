@@ -328,6 +328,9 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-.") or "model"
 
 
+GATE_TOML = "gate.toml"
+
+
 def check_bundle_target(out: Path) -> None:
     """Refuse a --update-baseline folder that holds a report.json the tool did not write as a baseline bundle
     (a run directory, or the user's own file): the bundle would overwrite it."""
@@ -336,6 +339,14 @@ def check_bundle_target(out: Path) -> None:
     if out.is_dir() and (out / "report.json").exists() and not (out / MARKER).is_file():
         raise CompressError(f"{out / 'report.json'} exists and was not written by the tool as a baseline bundle; the bundle would overwrite it",
                             hint="give --baseline a new or empty folder, or one that holds a baseline bundle")
+    if out.is_dir() and not (out / MARKER).is_file():
+        import os
+
+        others = sorted({e.name for e in os.scandir(out)} - {GATE_TOML})  # the user's gate.toml may sit beside the bundle
+        if others:
+            raise CompressError(f"{out} holds files the tool did not write ({', '.join(others[:3])}{', …' if len(others) > 3 else ''}) and no "
+                                f"baseline bundle; a bundle goes only into a new or empty folder (a {GATE_TOML} may be there) or an earlier bundle",
+                                hint="give --baseline a new folder")
 
 
 def write_bundle(cur: Side, out: Path) -> dict:

@@ -197,9 +197,18 @@ def check_graph(path: Path, what: str = "exported", *, rewrite: bool = False) ->
         onnx.save(model, str(path))
 
 
+def input_dtype(session):
+    """The numpy dtype a session's first input takes when it is not float32 (an FP16 model with float16 I/O), else None."""
+    return np.float16 if session.get_inputs()[0].type == "tensor(float16)" else None
+
+
 def run_session(session, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
+    """The session's first output over x in batches, as float32 (a float16-I/O model's input cast on the way in)."""
+    name, dtype = session.get_inputs()[0].name, input_dtype(session)
+    if dtype is not None and x.dtype.kind == "f":
+        x = x.astype(dtype)
+    out = np.concatenate([session.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
+    return out.astype(np.float32) if out.dtype == np.float16 else out
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray) -> dict:

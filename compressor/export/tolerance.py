@@ -34,16 +34,22 @@ class Validation:
 
 
 def _p50(path: Path, one: np.ndarray) -> float:
+    from .onnx_io import input_dtype
+
     sess = make_session(path, threads=1)
-    name = sess.get_inputs()[0].name
+    name, dtype = sess.get_inputs()[0].name, input_dtype(sess)
+    one = one.astype(dtype) if dtype is not None else one  # an FP16 model with float16 I/O is fed float16
     return measure(lambda: sess.run(None, {name: one}), min_runs=100, min_duration_s=0.3)["p50"]
 
 
 def _retime(trials: list[dict], one: np.ndarray, rounds: int = 4) -> None:
     """Time the candidates again in interleaved rounds and keep each one's best p50: at tens of microseconds a single
     measurement is at the mercy of whatever else the machine did at that moment, and such disturbances only ever add time."""
+    from .onnx_io import input_dtype
+
     sessions = [make_session(t["path"], threads=1) for t in trials]
     name = sessions[0].get_inputs()[0].name
+    assert all(input_dtype(s) is None for s in sessions), "INT8 candidates take float32"
     p50s = [[t["p50_ms_1thread"]] for t in trials]
     for _ in range(rounds - 1):
         for sess, acc in zip(sessions, p50s):

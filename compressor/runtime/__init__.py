@@ -77,10 +77,16 @@ class OnnxRuntimeRunner(Runner):
 
         self.session = make_session(self.path, self.threads, self.providers, emulate_qdq=self.emulate_qdq)
         self.input_name = self.session.get_inputs()[0].name
+        from ..export.onnx_io import input_dtype
+
+        self.input_dtype = input_dtype(self.session)  # float16 for an FP16 model with float16 I/O (--fp16-io)
         return self
 
     def infer(self, x):
-        return self.session.run(None, {self.input_name: x})[0]
+        if self.input_dtype is not None and x.dtype != self.input_dtype and x.dtype.kind == "f":
+            x = x.astype(self.input_dtype)  # the application hands it float16; here the cast is timed with the call
+        y = self.session.run(None, {self.input_name: x})[0]
+        return y.astype(np.float32) if y.dtype == np.float16 else y
 
     def deactivate(self):
         self.session = None
