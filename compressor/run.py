@@ -51,6 +51,10 @@ def _data_fingerprint(source: str) -> str:
     return sha256_json(files)
 
 
+# what later stages read from a finished stage's result: checked when a manifest is read, not met as a KeyError later
+_DONE_RESULT = {"distill": (("student_record", dict), ("num_classes", int), ("params", int)), "quantize": (("recipe", str),)}
+
+
 class Run:
     """A run directory: manifest.json plus every artifact, addressed by paths relative to it."""
 
@@ -148,6 +152,14 @@ class Run:
                     raise refuse(f"stage '{name}': '{key}' is {type(st[key]).__name__}, not {kind.__name__}")
             if not all(isinstance(v, str) for v in st.get("outputs", {}).values()):
                 raise refuse(f"stage '{name}': 'outputs' must map names to relative paths")
+            for v in st.get("outputs", {}).values():  # a run folder that travelled names files inside itself only
+                if not v or Path(v).is_absolute() or ".." in Path(v).parts or "\0" in v:
+                    raise refuse(f"stage '{name}': output {v!r:.80} is not a path inside the run folder")
+            if st.get("status") == "done":
+                for key, kind in _DONE_RESULT.get(name, ()):
+                    got = st.get("result", {}).get(key)
+                    if not isinstance(got, kind) or isinstance(got, bool):
+                        raise refuse(f"stage '{name}' is done but its result's '{key}' is {type(got).__name__ if got is not None else 'missing'}")
         return m
 
     def save(self) -> None:
@@ -249,11 +261,15 @@ class Run:
         import torch
 
         st = self.stage("distill")
-        res = st["result"]
-        record = res["student_record"]
-        spec = str(record.get("spec", ""))
+        res = st.get("result") or {}
+        record, num_classes = res.get("student_record"), res.get("num_classes")
+        if not (isinstance(record, dict) and isinstance(record.get("spec"), str) and isinstance(record.get("kwargs", {}), dict)
+                and isinstance(num_classes, int) and num_classes >= 1):
+            raise CompressError(f"{self.dir / MANIFEST}: the distill stage's record of the {name} is damaged (student_record, num_classes)",
+                                hint="rerun distill with --force, or start a fresh run with another --out")
+        spec = record["spec"]
         if self.live or spec.startswith("builtin:"):
-            return self._rebuild_trained(name, record, res["num_classes"])
+            return self._rebuild_trained(name, record, num_classes)
         copy = None if eager else self._code_free(f"{name}_torchscript", f"{name}{COPY_SUFFIX}")
         if copy is not None:
             try:
@@ -264,7 +280,7 @@ class Run:
         if not self.trust:
             why = "this step needs it as an eager module, rebuilt from that code" if eager else f"the run has no code-free copy of it ({name}{COPY_SUFFIX})"
             raise CompressError(f"this run's {name} was built by code ({spec[:120]}) and {why}", hint=TRUST_LATER_HINT)
-        return self._rebuild_trained(name, record, res["num_classes"])
+        return self._rebuild_trained(name, record, num_classes)
 
     def _rebuild_trained(self, name: str, record: dict, num_classes: int):
         """Build the module from its record (running a factory's code) and load its state dict."""
