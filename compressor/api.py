@@ -189,9 +189,10 @@ def _distill(run: Run, resume: bool) -> tuple[dict, dict]:
 def _save_code_free(run: Run, outputs: dict, results: dict) -> tuple[dict, dict]:
     """A run folder is data: later stages never run code it names (Run.teacher, Run.load_trained). So the distill
     stage saves what they need in forms that load without running Python code: a TorchScript copy of each trained
-    module and of a teacher that came as code (a state dict with --teacher-arch, a --trust pickle), each checked to
-    give the original's outputs; the teacher's class for each held-out row (teacher_heldout.npz); the teacher's input
-    shape; and for a black box (a callable or a command) its bench row, since it is never queried again."""
+    module built by code (a factory, or cut from the teacher) and of a teacher that came as code (a state dict with
+    --teacher-arch, a --trust pickle), each checked to give the original's outputs; the teacher's class for each
+    held-out row (teacher_heldout.npz); the teacher's input shape; and for a black box (a callable or a command) its
+    bench row, since it is never queried again."""
     import json
 
     from ._io import atomic_path, is_writer, sha256_json
@@ -203,7 +204,9 @@ def _save_code_free(run: Run, outputs: dict, results: dict) -> tuple[dict, dict]
     if not is_writer():  # under torchrun only rank 0 writes
         return outputs, results
     copies = {}
-    jobs = [(name, f"{name}_torchscript", f"{name}{COPY_SUFFIX}") for name in ("student", "baseline") if name in outputs]
+    # a built-in student is rebuilt from its spec (no user code): only a student built by code gets a copy
+    coded = not str(results["student_record"].get("spec", "")).startswith("builtin:")
+    jobs = [(name, f"{name}_torchscript", f"{name}{COPY_SUFFIX}") for name in ("student", "baseline") if name in outputs and coded]
     if teacher.format in ("state_dict", "pickle"):
         jobs.append(("teacher", "teacher_torchscript", TEACHER_COPY))
     for name, key, filename in jobs:

@@ -321,8 +321,11 @@ class Run:
         p = self._code_free("teacher_heldout", TEACHER_HELDOUT)
         if p is None:
             return None
-        with np.load(p, allow_pickle=False) as z:
-            pred = np.asarray(z["pred"]) if "pred" in z.files else None
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                pred = np.asarray(z["pred"]) if "pred" in z.files else None
+        except Exception:  # damaged (a bad zip, a truncated array): as if it were not there
+            return None
         if pred is None or pred.ndim != 1 or pred.dtype.kind not in "iu" or len(pred) != len(self.data.y_test):
             return None
         return pred.astype(np.int64)

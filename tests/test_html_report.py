@@ -131,7 +131,9 @@ def _run_dir(tmp_path: Path) -> Path:
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    Run(run_dir, {"manifest_version": 1, "config": CompressConfig().to_dict(), "inputs": {}, "stages": {}}).save()
+    inputs = {"teacher": {"path": "/nonexistent/teacher.pt", "sha256": "0" * 64}, "data": {"source": "mnist1d", "fingerprint": "0"}}
+    Run(run_dir, {"manifest_version": 1, "created": "2026-01-01T00:00:00+00:00", "config": CompressConfig().to_dict(), "inputs": inputs,
+                  "stages": {}}).save()
     (run_dir / "report.json").write_text(DATA.read_text(encoding="utf-8"), encoding="utf-8")
     return run_dir
 
@@ -165,7 +167,9 @@ def test_the_pipeline_writes_report_html(tmp_path, monkeypatch):
     for stage in ("export", "quantize"):
         monkeypatch.setattr(api, stage, lambda *a, **kw: None)
     monkeypatch.setattr(api, "bench", lambda d, **kw: json.loads((run_dir / "report.json").read_text(encoding="utf-8")))
-    api.compress(None, run_dir)
+    from compressor.config import CompressConfig
+
+    api.compress(CompressConfig(), run_dir)
     assert (run_dir / "report.md").is_file()
     assert "student onnx int8" in (run_dir / "report.html").read_text(encoding="utf-8")
     assert json.loads((run_dir / "manifest.json").read_text())["stages"]["report"]["outputs"]["html"] == "report.html"

@@ -200,7 +200,9 @@ def test_quantization_aware_distillation_recovers_when_nothing_may_stay_float(ou
     from compressor.run import Run
 
     cfg = Run.open(run).config.quantize.replace(max_float_nodes=0, qat_steps=300)
-    api.quantize(run, cfg, force=True)
+    skipped = api.quantize(run, cfg, force=True).manifest["stages"]["quantize"]["result"]["qat"]
+    assert "--trust" in skipped["skipped"]  # fine-tuning rebuilds the student from its code: only with --trust
+    api.quantize(run, cfg, force=True, trust=True)
     q = json.loads((run / "manifest.json").read_text())["stages"]["quantize"]["result"]
     assert q["kept_float"] == [] and q["accuracy_aware"] is None
     assert q["qat"]["used"] and q["qat"]["layers"] == 2, q["qat"]

@@ -60,7 +60,11 @@ def test_no_shell_true_and_no_os_system():
         for node in ast.walk(tree):
             if isinstance(node, ast.Call):
                 fn = ast.unparse(node.func)
-                if fn in ("os.system", "os.popen", "eval", "exec"):
+                # the one exec allowed: the deploy bundle's run_on_device.py runs its sibling modules from the very bytes whose
+                # sha256 it has just checked (importing them by path would read the files a second time, after the check)
+                verified = (f.name == "run_on_device.py" and fn == "exec" and node.args
+                            and ast.unparse(node.args[0]).startswith("compile(sources[rel]"))
+                if fn in ("os.system", "os.popen", "eval", "exec") and not verified:
                     offenders.append(f"{f.name}:{node.lineno} {fn}")
                 for k in node.keywords:
                     if k.arg == "shell" and not (isinstance(k.value, ast.Constant) and k.value.value is False):
