@@ -42,11 +42,18 @@ def _locked(fn):
     return wrapper
 
 
-def _claim(cfg: CompressConfig, out) -> Path:
+def claim_out(cfg: CompressConfig, out) -> Path:
     """--out (or a new runs/<timestamp>) as this run's folder: new, empty, or a run folder already; never the data's."""
+    from .models._blackbox_teacher import is_query_spec
     from .ownership import claim_run_dir
     from .run import default_run_dir
 
+    # a missing teacher or data file is refused before --out is made: a typo leaves no folder behind
+    t = cfg.teacher
+    if t is not None and not is_query_spec(t) and not Path(t).is_file():
+        raise CompressError(f"teacher {t} does not exist" if not Path(t).exists() else f"teacher {t} is not a file")
+    if cfg.data.source != "mnist1d" and not Path(cfg.data.source).exists():
+        raise CompressError(f"data {cfg.data.source} does not exist", hint="pass an .npz file, an image folder, or 'mnist1d'")
     return claim_run_dir(Path(out) if out else default_run_dir(), (cfg.data.source, cfg.data.eval_source))
 
 
@@ -62,7 +69,7 @@ def distill(cfg: CompressConfig, out: str | Path | None = None, *, force: bool =
     """Train the student from the teacher (and the labels-only baseline when cfg.distill.baseline)."""
     from .ownership import run_lock
 
-    path = _claim(cfg, out)
+    path = claim_out(cfg, out)
     with run_lock(path):
         return _distill_locked(cfg, path, force, resume)
 
@@ -687,7 +694,7 @@ def compress(cfg: CompressConfig, out: str | Path | None = None, *, force: bool 
     """The whole pipeline: distill, export, quantize, bench, report; returns the report."""
     from .ownership import run_lock
 
-    path = _claim(cfg, out)
+    path = claim_out(cfg, out)
     with run_lock(path):  # one lock over every stage: no other process writes between them
         run = distill(cfg, path, force=force, resume=resume)
         # a forced or redone distill makes the later stages stale through their fingerprints

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from .config import BenchConfig, CompressConfig, DataConfig, DistillConfig, ExportConfig, GateConfig, QuantizeConfig
-from .errors import EXIT_BUG, EXIT_GATE_BUG, EXIT_INTERRUPTED, CompressError
+from .errors import EXIT_BUG, EXIT_GATE_BUG, EXIT_INTERRUPTED, CompressError, printable
 
 _BUG_EXIT = EXIT_BUG  # the exit code of an unexpected exception; compress gate raises it to EXIT_GATE_BUG
 
@@ -38,16 +38,31 @@ class _DefaultToRun(click.Group):
         return super().parse_args(ctx, args)
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Console messages carry paths and names from files: their control characters are shown, never sent to the terminal."""
+
+    def format(self, record):
+        return printable(super().format(record))
+
+
 def _setup_logging(quiet: bool, debug: bool) -> None:
     log.setLevel(logging.DEBUG)
     if not any(getattr(h, "_compress_console", False) for h in log.handlers):
         h = logging.StreamHandler(sys.stderr)
         h._compress_console = True
-        h.setFormatter(logging.Formatter("%(message)s"))
+        h.setFormatter(_PrintableFormatter("%(message)s"))
         log.addHandler(h)
     for h in log.handlers:
         if getattr(h, "_compress_console", False):
             h.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
+
+
+class _RunLog(logging.FileHandler):
+    """The run's compress.log; a failing write (disk full) stops the log with one warning, never a traceback a line."""
+
+    def handleError(self, record):
+        log.removeHandler(self)
+        click.echo(f"warning: cannot write {self.baseFilename} any more ({sys.exc_info()[1]}); the console shows everything", err=True)
 
 
 def _log_to(run_dir: Path) -> None:
@@ -56,12 +71,15 @@ def _log_to(run_dir: Path) -> None:
 
     if not is_writer():  # under torchrun only rank 0 keeps the log, like every other file
         return
-    from .ownership import owns
+    from .ownership import check_no_links_out, owns
 
     path = Path(run_dir) / "compress.log"
-    if not owns(path.parent) or any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in log.handlers):
+    if not owns(path.parent):
         return
-    fh = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")  # a non-UTF-8 path in a message must not break logging
+    check_no_links_out(path.parent)  # never append to a link, a FIFO or a hard link to someone's file
+    if any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in log.handlers):
+        return
+    fh = _RunLog(path, encoding="utf-8", errors="backslashreplace")  # a non-UTF-8 path in a message must not break logging
     fh.setLevel(logging.DEBUG)
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(fh)
@@ -300,6 +318,12 @@ def distill_cmd(**kw):
 @click.option("--resume", is_flag=True)
 def distill_worker_cmd(run_dir, resume):
     """One process of a --nproc-per-node job (started by torchrun): the distill stage of an existing run."""
+    import os
+
+    if not {"LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"} <= set(os.environ):
+        # it runs the code the run's config names: only as a worker that 'compress distill --nproc-per-node' started
+        raise CompressError("distill-worker is started by 'compress distill --nproc-per-node N' through torchrun, not by hand",
+                            hint="run 'compress distill … --nproc-per-node N' instead")
     from .api import distill
     from .run import Run
 
@@ -320,9 +344,9 @@ def _default_out() -> Path:
 
 def _log_to_after_create(out: Path, cfg: CompressConfig) -> None:
     """Claim --out as the run folder (new, empty or a run already: compressor.ownership), then log there."""
-    from .ownership import claim_run_dir
+    from .api import claim_out
 
-    claim_run_dir(out, (cfg.data.source, cfg.data.eval_source))
+    claim_out(cfg, out)
     _log_to(out)
 
 
@@ -506,6 +530,9 @@ def gate_cmd(current, baseline, config_path, max_accuracy_drop, min_agreement, m
     for what, out in (("--junit", junit), ("--markdown", markdown)):  # before the minutes of timing, and never a device or a link
         if out is not None and (Path(out).is_symlink() or (Path(out).exists() and not Path(out).is_file())):
             raise CompressError(f"{what} {out} exists and is not a regular file (a folder, a link or a device)", hint="give a file path")
+        if out is not None and _is_gate_input(Path(out), (Path(current), Path(baseline))):
+            raise CompressError(f"{what} {out} is one of the gate's inputs (CURRENT, --baseline, or a file inside them)",
+                                hint="write the summary somewhere else")
     cfg = load_gate_config(config_path, extra_floors=parsed, max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement,
                            max_latency_regression=max_latency_regression, max_size_growth=max_size_growth, rounds=rounds,
                            round_duration_s=round_duration_s, absolute_latency=absolute_latency or None)
@@ -522,6 +549,21 @@ def gate_cmd(current, baseline, config_path, max_accuracy_drop, min_agreement, m
         return
     if not res.passed:
         raise click.exceptions.Exit(1)
+
+
+def _is_gate_input(out: Path, inputs: tuple) -> bool:
+    """out is CURRENT or the baseline (a file), or lies inside either (a run or bundle folder)."""
+    import os
+
+    try:
+        o = Path(os.path.abspath(out)).parent.resolve() / out.name
+        for p in inputs:
+            r = p.resolve()
+            if (p.is_dir() and o.is_relative_to(r)) or (out.exists() and p.exists() and os.path.samefile(out, p)):
+                return True
+    except (OSError, RuntimeError):
+        return True  # unresolvable (a link loop): not a place to write to
+    return False
 
 
 def _baseline_exists(baseline: Path) -> bool:
@@ -574,8 +616,8 @@ def targets_cmd(name, as_text):
     if name:
         profile = get_target(name)
         for line in profile_warnings(profile):
-            click.echo(f"warning: {line}", err=True)
-        click.echo(_profile_text(profile) if as_text else json.dumps(profile, indent=2))
+            click.echo(f"warning: {printable(line)}", err=True)
+        click.echo(printable(_profile_text(profile)) if as_text else json.dumps(profile, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -648,9 +690,11 @@ def _args() -> list[str]:
 
 
 def _resumable() -> bool:
-    """Whether the command line's subcommand takes --resume (gate, targets and report do not)."""
-    args = [a for a in _args() if not a.startswith("-")]
-    return not (args and args[0] in ("gate", "targets", "report", "bundle"))
+    """Whether the command line's subcommand takes --resume: the pipeline (named or implicit) and distill only."""
+    args = list(_args())
+    while args and args[0] in ("--debug", "--quiet", "-q"):
+        args.pop(0)
+    return not args or args[0] in ("run", "distill") or args[0] not in cli.commands
 
 
 def _resume_command() -> str:
@@ -700,13 +744,13 @@ def main(argv: list[str] | None = None) -> int:
         _log_trace("error")
         if debug:
             traceback.print_exc()
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {printable(exc)}", err=True)
         return exc.exit_code
     except Exception as exc:  # a bug: keep the trace in the log, show one line unless --debug
         _log_trace("internal error")
         if debug:
             traceback.print_exc()
-        click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback; please report it)", err=True)
+        click.echo(f"internal error: {type(exc).__name__}: {printable(exc)} (rerun with --debug for the traceback; please report it)", err=True)
         return _BUG_EXIT
 
 

@@ -30,6 +30,22 @@ class CompressError(Exception):
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x09), *range(0x0b, 0x20), *range(0x7f, 0xa0))}
+
+
+def printable(text) -> str:
+    """Text from a file (a profile, a manifest, a report, a file name) made safe to print on a terminal: control
+    characters (ESC sequences that set the title or clear the screen, carriage returns) shown as \\xNN escapes."""
+    return str(text).translate(_CONTROL)
+
+
+def rich_text(text) -> str:
+    """printable(text), with Rich's markup escaped: '[/b]' in a description is shown, not parsed (or a MarkupError)."""
+    from rich.markup import escape
+
+    return escape(printable(text))
+
+
 def did_you_mean(word: str, choices) -> str:
     """A ' Did you mean X?' suffix for an unknown name, or ''."""
     import difflib

@@ -11,6 +11,7 @@ config) is an input error (exit 2), so a broken report can neither pass nor look
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import statistics
@@ -21,6 +22,8 @@ from .bench.host import host_fingerprint
 from .bench.retime import BLACK_BOX
 from .config import GateConfig
 from .errors import CompressError
+
+log = logging.getLogger("compressor")
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 CONFIG_MAX_BYTES = 1 << 20
@@ -403,21 +406,35 @@ def print_table(res: GateResult, console=None) -> None:
         console = Console()
         if not console.is_terminal:  # CI logs: wide enough for the table not to wrap every cell
             console = Console(width=140)
+    from .errors import rich_text
+
     t = Table(title=f"compress gate (latency: {res.latency_mode})")
     for col in ("model", "check", "baseline", "current", "limit", "result"):
         t.add_column(col)
     style = {PASS: "green", FAIL: "bold red", SKIP: "dim"}
-    for c in res.checks:
-        t.add_row(c.model, c.check, c.baseline, c.current, c.limit, f"[{style[c.status]}]{c.status}[/]" + (f" {c.detail}" if c.detail else ""))
+    for c in res.checks:  # names and details come from report files: data, never Rich markup or terminal escapes
+        t.add_row(*(rich_text(v) for v in (c.model, c.check, c.baseline, c.current, c.limit)),
+                  f"[{style[c.status]}]{c.status}[/]" + (f" {rich_text(c.detail)}" if c.detail else ""))
     console.print(t)
-    console.print(res.summary())
+    console.print(rich_text(res.summary()))
 
 
 def github_summary(markdown: str) -> str | None:
     """Append to $GITHUB_STEP_SUMMARY when GitHub Actions sets it; returns the path written."""
+    import stat
+
     path = os.environ.get("GITHUB_STEP_SUMMARY")
     if not path:
         return None
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(markdown + "\n")
+    try:  # the verdict is already made: a summary file that cannot take it is a warning, never the gate's exit code
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError("not a regular file")
+            os.write(fd, (markdown + "\n").encode("utf-8", "backslashreplace"))
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.warning(f"warning: GITHUB_STEP_SUMMARY={path}: cannot append the summary ({exc.strerror or exc})")
+        return None
     return path

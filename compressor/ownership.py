@@ -113,14 +113,13 @@ def claim_run_dir(path: str | os.PathLike, data_sources: tuple = ()) -> Path:
             raise CompressError(f"cannot read the folder {p}: {exc.strerror or exc}", hint="choose another --out directory") from None
         if entries and not entries <= CLAIM_FILES and not is_run_dir(p):
             raise _not_ours(p, "run")
-        if is_run_dir(p):
-            check_no_links_out(p)
+        check_no_links_out(p)
     from ._io import ensure_dir
 
     ensure_dir(p)
     if not is_run_dir(p):  # mark the folder ours before anything else lands in it (the manifest comes later)
         try:
-            os.close(os.open(p / LOCK, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644))
+            os.close(os.open(p / LOCK, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0), 0o644))
         except OSError as exc:
             from ._io import _os_error
 
@@ -129,14 +128,31 @@ def claim_run_dir(path: str | os.PathLike, data_sources: tuple = ()) -> Path:
 
 
 def check_no_links_out(run_dir: Path) -> None:
-    """Refuse a run folder whose own sub-folders (cache/, checkpoints/, search/, bundle-*/) are symbolic links: the tool
-    writes into those, and a run folder that arrived as an artifact could point them at the user's files."""
+    """Refuse a run folder that holds anything but plain files and folders in the places the tool reads and writes: a
+    symbolic link (it could point our writes, or our reads, at the user's files), a FIFO or device (a read would hang
+    or never end), or a log or lock file with a second hard link (appending or truncating it would change that file).
+    A run folder that arrived as an artifact is checked like any other input."""
+    import stat
+
     run_dir = Path(run_dir)
-    names = [*RUN_SUBDIRS, *(e.name for e in os.scandir(run_dir) if e.name.startswith("bundle-"))]
-    for name in names:
-        if (run_dir / name).is_symlink():
-            raise CompressError(f"{run_dir / name} is a symbolic link; a run folder must hold its own files",
-                                hint="copy the run without links (cp -rL), or start a new run")
+    hint = "copy the run without links (cp -rL), or start a new run"
+    for folder in (run_dir, *(run_dir / s for s in RUN_SUBDIRS)):
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            continue
+        except NotADirectoryError:
+            raise CompressError(f"{folder} is not a folder; a run folder must hold its own files", hint=hint) from None
+        except OSError as exc:
+            raise CompressError(f"cannot read the run folder {folder}: {exc.strerror or exc}", hint=hint) from None
+        for e in entries:
+            st = e.stat(follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                raise CompressError(f"{e.path} is a symbolic link; a run folder must hold its own files", hint=hint)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                raise CompressError(f"{e.path} is not a regular file or folder (a FIFO, a device or a socket)", hint=hint)
+            if folder == run_dir and e.name in CLAIM_FILES and (st.st_nlink > 1 or not stat.S_ISREG(st.st_mode)):
+                raise CompressError(f"{e.path} has other hard links (or is not a file); the tool appends to it and would change them", hint=hint)
 
 
 def check_bundle_out(out: Path, tarball: Path, run_dir: Path, force: bool) -> None:
@@ -153,6 +169,12 @@ def check_bundle_out(out: Path, tarball: Path, run_dir: Path, force: bool) -> No
             raise _not_ours(out, "deploy bundle")
         if not force and not empty:
             raise CompressError(f"{out} already exists", hint="pass --force to replace it, or --out another folder")
+        if not empty:  # --force replaces the bundle's own files; what the device or the user added there is theirs
+            own = {*_read_manifest(out)["files"], MANIFEST, "SHA256SUMS"}
+            extra = sorted(e.name for e in os.scandir(out) if e.name not in own)
+            if extra:
+                raise CompressError(f"{out} holds files the bundle did not ship ({', '.join(extra[:3])}{', …' if len(extra) > 3 else ''}); "
+                                    "--force replaces only a bundle's own files", hint="move those files away first, or choose another --out")
     if tarball.exists() or tarball.is_symlink():
         if not force:
             raise CompressError(f"{tarball} already exists", hint="pass --force to replace it, or --out another folder")
@@ -225,11 +247,22 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
     if not owns(Path(key)):  # never a lock file among someone else's files: the command refuses that folder anyway
         yield
         return
+    import errno
+    import stat
+
     try:
-        fd = os.open(Path(key) / LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    except OSError:  # read-only or missing folder: nothing can be written there, by us or anyone
-        yield
-        return
+        fd = os.open(Path(key) / LOCK, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT):  # read-only or missing: no writer can be there
+            yield
+            return
+        raise CompressError(f"{Path(key) / LOCK} cannot be opened as the run's lock file: {exc.strerror or exc}",
+                            hint="remove it if no compress process is running") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:  # a FIFO, or a hard link to someone's file: never truncate it
+        os.close(fd)
+        raise CompressError(f"{Path(key) / LOCK} is not the run's own lock file (a special file, or a file with other hard links)",
+                            hint="remove it if no compress process is running")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

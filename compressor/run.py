@@ -82,10 +82,16 @@ class Run:
                 raise CompressError(f"teacher {teacher} does not exist" if not teacher.exists() else f"teacher {teacher} is not a file")
             teacher_input = {"path": str(teacher.resolve()), "sha256": sha256_file(teacher)}
             cfg.teacher = str(teacher.resolve())
+        for attr in ("source", "eval_source"):  # absolute: a later stage run from another folder reads the same files
+            v = getattr(cfg.data, attr)
+            if v and v != "mnist1d" and Path(v).exists():
+                setattr(cfg.data, attr, str(Path(v).resolve()))
         inputs = {
             "teacher": teacher_input,
             "data": {"source": cfg.data.source, "fingerprint": _data_fingerprint(cfg.data.source)},
         }
+        if cfg.data.eval_source:
+            inputs["eval_data"] = {"source": cfg.data.eval_source, "fingerprint": _data_fingerprint(cfg.data.eval_source)}
         old = cls._read(path) if (path / MANIFEST).exists() else None
         manifest = {
             "manifest_version": 1, "tool_version": __version__,
@@ -252,6 +258,13 @@ class Run:
     def data(self):
         from .data import load_data
 
+        cfg = self.config.data
+        for key, src in (("data", cfg.source), ("eval_data", cfg.eval_source)):  # the same rows the run was made from, or an error
+            recorded = self.manifest["inputs"].get(key)
+            if isinstance(recorded, dict) and src and recorded.get("fingerprint") != _data_fingerprint(src):
+                gone = src != "mnist1d" and not Path(src).exists()
+                raise CompressError(f"data {src} {'no longer exists' if gone else 'changed since this run started'}",
+                                    hint="rerun the whole pipeline (compress … --force), or use a new --out")
         return load_data(self.config.data, teacher_input_shape=self.teacher_input_shape, cache_dir=self.dir / "cache")
 
     def load_trained(self, name: str, *, eager: bool = False):

@@ -51,10 +51,15 @@ def test_bundle_out_at_the_run_or_above_it_is_refused(finished_run, cli, where):
 def test_bundle_force_replaces_its_own_bundle(finished_run, tmp_path, cli):
     out = tmp_path / "b"
     assert cli("bundle", finished_run, "--out", out)[0] == 0
-    (out / "stray-of-ours").write_text("x")  # a bundle folder of ours: --force replaces it whole
     assert cli("bundle", finished_run, "--out", out)[0] == 2  # without --force: refused
     assert cli("bundle", finished_run, "--out", out, "--force")[0] == 0
-    assert not (out / "stray-of-ours").exists() and (out / "manifest.json").is_file()
+    assert (out / "manifest.json").is_file()
+    # what the device wrote there (its report.json, engines) or the user added is theirs: --force does not delete it
+    (out / "report.json").write_text("device results")
+    (out / "notes").mkdir()
+    code, _, err = cli("bundle", finished_run, "--out", out, "--force")
+    assert code == 2 and "holds files the bundle did not ship (notes, report.json)" in err, err
+    assert (out / "report.json").read_text() == "device results" and (out / "notes").is_dir()
 
 
 def test_bundle_force_leaves_a_tarball_it_did_not_write(finished_run, tmp_path, cli):
@@ -255,3 +260,140 @@ def test_update_baseline_never_writes_among_the_users_files(finished_run, tmp_pa
     code, _, err = cli("gate", finished_run, f"--baseline={baseline}", "--update-baseline")
     assert code == 2 and "holds files the tool did not write" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("argv, resumable", [(["export", "r"], False), (["-q", "bench", "r"], False), (["distill", "--out", "r"], True),
+                                             (["--teacher", "t.pt"], True), (["--debug", "run"], True), (["gate", "a"], False)])
+def test_the_resume_hint_is_printed_only_where_resume_exists(monkeypatch, argv, resumable):
+    import compressor.cli as c
+
+    monkeypatch.setattr(c, "_ARGV", argv)
+    assert c._resumable() is resumable
+
+
+def _special(kind: str, p: Path, victim: Path) -> None:
+    if kind == "symlink":
+        p.symlink_to(victim)
+    elif kind == "hardlink":
+        os.link(victim, p)
+    elif kind == "fifo":
+        os.mkfifo(p)
+    else:
+        p.mkdir()
+
+
+@pytest.mark.parametrize("name", ["compress.log", "run.lock", "student.onnx"])
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "fifo", "folder"])
+def test_links_and_special_files_in_a_run_are_refused_and_never_written_through(finished_run, tmp_path, cli, name, kind):
+    if name == "student.onnx" and kind in ("hardlink", "folder"):
+        pytest.skip("a hard-linked or folder student.onnx is replaced by rename or refused by the export check")
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns(LOCK, "bundle-*"))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("USER DATA")
+    (run / name).unlink(missing_ok=True)
+    _special(kind, run / name, victim)
+    import signal as _signal
+
+    def _hang(*_):
+        raise TimeoutError("hung")
+
+    old = _signal.signal(_signal.SIGALRM, _hang)
+    _signal.alarm(60)
+    try:
+        for argv in (("export", run, "--force"), ("quantize", run, "--force"), ("report", run)):
+            code, _, err = cli(*argv)
+            assert code == 2 and err.count("\n") == 1 and "internal error" not in err, (argv, err)
+    finally:
+        _signal.alarm(0)
+        _signal.signal(_signal.SIGALRM, old)
+    assert victim.read_text() == "USER DATA"
+
+
+def test_text_from_files_never_reaches_the_terminal_as_escapes_or_markup(tmp_path, cli, capsys):
+    """A profile description or a report note holding ESC sequences (window title, clear screen) or Rich markup
+    ('[/b]' crashed the table with MarkupError; '[link=…]' made a live link) is printed as text."""
+    import json
+
+    from compressor.bench.report import print_table, load_report
+    rep = load_report(Path(__file__).resolve().parent / "data" / "report.json")
+    hostile = "Orin [/b] \x1b]0;PWNED\x07\x1b[2J [link=https://evil.example]x[/link]"
+    rep["target"]["latency_note"] = hostile
+    rep.setdefault("notes", ["first"]).append("closing [/bogus] tag \x1b[31m")
+    print_table(rep)
+    out = capsys.readouterr().out
+    assert "\x1b]0;" not in out and "\x1b[2J" not in out and "[/bogus]" in out and "[/b]" in out
+    src = (Path(__file__).resolve().parent.parent / "targets" / "cpu.toml").read_text()
+    prof = tmp_path / "evil.toml"
+    prof.write_text(src.replace('name = "cpu"', 'name = "evil"', 1).replace("description = ", 'description = "\\u001b]0;T\\u0007 [/x]" #', 1))
+    code, out, err = cli("targets", prof, "--text")
+    assert code == 0 and "\x1b" not in out + err and "\\x1b]0;T" in out, out
+
+
+@pytest.mark.parametrize("flag", ["--junit", "--markdown"])
+def test_gate_summaries_never_overwrite_the_gates_inputs(finished_run, tmp_path, cli, flag):
+    base = tmp_path / "base.json"
+    shutil.copyfile(finished_run / "report.json", base)
+    before = base.read_bytes()
+    for current, target in ((finished_run / "report.json", base), (finished_run / "report.json", finished_run / "report.json"),
+                            (finished_run, finished_run / "summary.md")):
+        code, _, err = cli("gate", current, "--baseline", base, "--absolute-latency", flag, target)
+        assert code == 2 and "one of the gate's inputs" in err, err
+    assert base.read_bytes() == before and not (finished_run / "summary.md").exists()
+
+
+@pytest.mark.parametrize("kind", ["folder", "missing-parent", "fifo"])
+def test_a_bad_github_step_summary_is_a_warning_not_the_gates_exit_code(finished_run, tmp_path, cli, monkeypatch, kind):
+    base = tmp_path / "base.json"
+    shutil.copyfile(finished_run / "report.json", base)
+    target = tmp_path / "summary"
+    if kind == "folder":
+        target.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(target)
+    else:
+        target = tmp_path / "nope" / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(target))
+    code, _, err = cli("gate", finished_run / "report.json", "--baseline", base, "--absolute-latency")
+    assert code == 0 and "cannot append the summary" in err, err
+
+
+@pytest.mark.parametrize("what", ["teacher", "data"])
+def test_a_typo_in_teacher_or_data_leaves_no_out_folder_behind(tiny, tmp_path, cli, what):
+    out = tmp_path / "newout"
+    teacher = tmp_path / "nope.pt" if what == "teacher" else tiny.torchscript
+    data = tmp_path / "nope.npz" if what == "data" else tiny.npz
+    code, _, err = cli("--teacher", teacher, "--data", data, "--out", out, "--skip-preflight")
+    assert code == 2 and "does not exist" in err, err
+    assert not out.exists()
+
+
+def test_later_stages_refuse_data_that_changed_or_moved(finished_run, tmp_path, cli, monkeypatch):
+    """bench used to score the student on whatever file the recorded (relative) data path named now: silent wrong data."""
+    import json
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run, ignore=shutil.ignore_patterns(LOCK, "bundle-*"))
+    m = json.loads((run / "manifest.json").read_text())
+    src = Path(m["config"]["data"]["source"])
+    assert src.is_absolute()
+    data = tmp_path / "data.npz"
+    shutil.copyfile(src, data)
+    m["config"]["data"]["source"] = str(data)
+    (run / "manifest.json").write_text(json.dumps(m))
+    with np.load(data) as z:
+        arrays = dict(z)
+    arrays["y_test"] = arrays["y_test"][::-1].copy()
+    np.savez(data, **arrays)
+    code, _, err = cli("bench", run, "--force", "--min-runs", 3, "--min-duration", 0.01, "--repeat", 1)
+    assert code == 2 and "changed since this run started" in err, err
+    data.unlink()
+    code, _, err = cli("export", run, "--force")
+    assert code == 2 and "no longer exists" in err, err
+
+
+def test_the_hidden_distill_worker_refuses_to_run_outside_torchrun(finished_run, cli, monkeypatch):
+    for k in ("LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(k, raising=False)
+    code, _, err = cli("distill-worker", finished_run)
+    assert code == 2 and "not by hand" in err, err

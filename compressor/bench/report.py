@@ -304,11 +304,14 @@ def print_table(rep: dict, console=None) -> None:
         console = Console(stderr=False)
         if not console.is_terminal:
             console = Console(width=120)
-    table = Table(title=f"target {rep['target']['name']}", caption=rep["target"]["latency_note"])
+    from ..errors import rich_text
+
+    # every string from the report is data: escaped for Rich's markup and stripped of terminal control characters
+    table = Table(title=f"target {rich_text(rep['target']['name'])}", caption=rich_text(rep["target"]["latency_note"]))
     for i, h in enumerate(["model", "format", "acc %", "agree %", "p50 ms", "p99 ms", "params", "KiB", "vs teacher"]):
         table.add_column(h, justify="left" if i < 2 else "right")
     for r in _table_rows(rep, runtime=False):
-        table.add_row(*r)
+        table.add_row(*(rich_text(c) for c in r))
     console.print(table)
     for n in rep.get("notes", [])[1:]:
-        console.print(f"[yellow]note:[/] {n}")
+        console.print(f"[yellow]note:[/] {rich_text(n)}")
