@@ -732,7 +732,11 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"interrupted. Resume with: {_resume_command()}" if _resumable() else "interrupted", err=True)
         return EXIT_INTERRUPTED
     except click.ClickException as exc:
-        exc.show()
+        import io
+
+        buf = io.StringIO()
+        exc.show(file=buf)  # click quotes the bad value as typed: its control characters are shown, never sent to the terminal
+        click.echo(printable(buf.getvalue()), err=True, nl=False)
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code

@@ -397,3 +397,8 @@ def test_the_hidden_distill_worker_refuses_to_run_outside_torchrun(finished_run,
         monkeypatch.delenv(k, raising=False)
     code, _, err = cli("distill-worker", finished_run)
     assert code == 2 and "not by hand" in err, err
+
+
+def test_usage_errors_show_control_characters_in_a_bad_value(cli):
+    code, _, err = cli("bench", "r", "--threads", "\x1b]0;PWNED\x07")
+    assert code == 2 and "\x1b" not in err and "\\x1b]0;PWNED" in err, err
