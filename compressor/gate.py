@@ -132,7 +132,10 @@ def load_gate_config(path: str | Path | None, extra_floors: list[dict] | None = 
         floors = data.pop("floor", None)
         if floors is not None:
             data["floors"] = floors
-    cfg = GateConfig.from_dict(data) if data else GateConfig()
+    try:
+        cfg = GateConfig.from_dict(data) if data else GateConfig()
+    except CompressError as exc:  # name the file: 'GateConfig: rounds must be …' alone does not say where
+        raise CompressError(f"gate config {path}: {exc.message}", hint=exc.hint) from None
     cfg = cfg.replace(**overrides)
     if extra_floors:
         cfg = cfg.replace(floors=list(cfg.floors or []) + list(extra_floors))
