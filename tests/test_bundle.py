@@ -309,11 +309,15 @@ def test_bundle_cli_refuses_to_overwrite_without_force(finished_run, tmp_path, c
     assert f"tarball: {out}.tar.gz" in stdout and (out / "manifest.json").is_file()
     code, _, err = cli("bundle", finished_run, "--out", out)
     assert code == 2 and "already exists" in err and "--force" in err
-    (out / "stale.txt").write_text("from before")
+    readme = (out / "README.md").read_text()
+    (out / "README.md").write_text("edited")  # one of the bundle's own files: --force replaces it
     code, _, err = cli("bundle", finished_run, "--out", out, "--force")
     assert code == 0, err
-    assert not (out / "stale.txt").exists()  # replaced, not written over
+    assert (out / "README.md").read_text() == readme  # replaced, not written over
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial or old folder left
+    (out / "stale.txt").write_text("from before")  # not the bundle's: --force leaves it, and the folder, alone
+    code, _, err = cli("bundle", finished_run, "--out", out, "--force")
+    assert code == 2 and "did not ship (stale.txt)" in err and (out / "stale.txt").read_text() == "from before"
 
 
 def test_device_script_without_tensorrt_says_what_to_do(bundle10, tmp_path):
