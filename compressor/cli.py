@@ -551,15 +551,22 @@ def gate_cmd(current, baseline, config_path, max_accuracy_drop, min_agreement, m
         raise click.exceptions.Exit(1)
 
 
+_ARTIFACT_SUFFIXES = (".json", ".onnx", ".pt", ".pt2", ".npy", ".npz", ".lock", ".log", ".engine", ".gz", ".sh", ".py")
+
+
 def _is_gate_input(out: Path, inputs: tuple) -> bool:
-    """out is CURRENT or the baseline (a file), or lies inside either (a run or bundle folder)."""
+    """out is CURRENT or the baseline (a file), or a file of the kind the tool keeps inside either (a run or bundle
+    folder: reports, manifests, models, checksums); a new summary such as RUN/gate.xml is fine."""
     import os
 
     try:
         o = Path(os.path.abspath(out)).parent.resolve() / out.name
         for p in inputs:
             r = p.resolve()
-            if (p.is_dir() and o.is_relative_to(r)) or (out.exists() and p.exists() and os.path.samefile(out, p)):
+            if out.exists() and p.exists() and os.path.samefile(out, p):
+                return True
+            if p.is_dir() and o.is_relative_to(r) and (o.suffix.lower() in _ARTIFACT_SUFFIXES or o.name == "SHA256SUMS"
+                                                        or o.name.startswith("report.")):
                 return True
     except (OSError, RuntimeError):
         return True  # unresolvable (a link loop): not a place to write to
