@@ -976,9 +976,10 @@ def test_manifest_of_the_wrong_shape_is_exit_2(hostile_sandbox, command, variant
 
 @pytest.mark.parametrize("variant,retime", [(v, False) for v in range(len(WRONG_MANIFESTS))] + [(v, True) for v in (0, 5, 8, 16, 17, 23)])
 def test_gate_on_a_run_with_a_manifest_of_the_wrong_shape_never_crashes(hostile_sandbox, variant, retime):
-    """gate with such a run as CURRENT: exit 0 (the gate reads only what it needs) or 2, never 4 (its own error)."""
+    """gate with such a run as CURRENT: exit 0 (the gate reads only what it needs), 1 (its verdict "regression": 5 rounds of
+    1 ms re-time the same models, and such short rounds can read as a slowdown) or 2, never 4 (its own error)."""
     argv = ["gate", Fresh("wrong", "r", variant), "--baseline", "run", "--rounds", "5", "--round-duration", "0.001"]
-    _expect(hostile_sandbox, "gate", argv + ([] if retime else ["--absolute-latency"]), codes=(0, 2))
+    _expect(hostile_sandbox, "gate", argv + ([] if retime else ["--absolute-latency"]), codes=(0, 1, 2))
 
 
 @pytest.mark.parametrize("name", ["dev-nosha.json", "empty-dict", "missing", "rep.json", "wrong.json"])
