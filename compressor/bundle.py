@@ -207,6 +207,8 @@ def make_bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bo
 
     # absolute: '--out .' or '--out ""' must name a real folder (and its tarball a real sibling), not ''
     out = Path(os.path.abspath(out)) if out is not None and str(out) != "" else run.dir / f"bundle-{target['name']}"
+    if not out.name:  # '/' (or a drive root): no name, so no tarball beside it, and never a bundle's own folder
+        raise CompressError(f"--out {out} is the root of the file system, not a bundle folder", hint="choose a new folder for --out")
     tarball = out.with_name(out.name + ".tar.gz")
     from .ownership import check_bundle_out
 
