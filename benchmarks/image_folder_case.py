@@ -64,12 +64,12 @@ def make_images(root: Path, *, size: int = 16, train_copies: int = 3, test_copie
 def read_folder(folder: Path):
     """Images and labels exactly as the tool reads them (PIL 'L', /255, N×1×H×W float32, sorted class names)."""
     from compressor.config import DataConfig
-    from compressor.data._folder import _read, _scan
+    from compressor.data._folder import read_images, scan_image_folder
 
-    classes, items = _scan(folder)
+    classes, items = scan_image_folder(folder)
     with __import__("PIL.Image").Image.open(items[0][0]) as im:
         size = (im.size[1], im.size[0])
-    x, y = _read(items, size, 1, DataConfig())
+    x, y = read_images(items, size, 1, DataConfig())
     return x, y, classes
 
 

@@ -2,7 +2,7 @@
 INT8/FP16, and measure every variant against the teacher. Importing it loads no heavy library."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _API = {"compress", "distill", "export", "quantize", "bench", "report", "bundle"}
 _CONFIGS = {"CompressConfig", "DataConfig", "DistillConfig", "ExportConfig", "QuantizeConfig", "BenchConfig"}

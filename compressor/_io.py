@@ -14,7 +14,8 @@ from typing import Iterator
 from .errors import CompressError
 
 
-def _os_error(exc: OSError, path: Path) -> CompressError:
+def write_error(exc: OSError, path: Path) -> CompressError:
+    """The CompressError for an OSError met creating or writing `path`: disk full, permission denied, a file on the path."""
     if exc.errno == errno.ENOSPC:
         return CompressError(f"disk full while writing {path}", hint="free some space and rerun with --resume", kind="runtime")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -32,7 +33,7 @@ def ensure_dir(path: str | os.PathLike) -> Path:
     except FileExistsError:
         raise CompressError(f"{p} exists and is not a directory", hint="choose another --out directory") from None
     except OSError as exc:
-        raise _os_error(exc, p) from None
+        raise write_error(exc, p) from None
     if not p.is_dir():
         raise CompressError(f"{p} exists and is not a directory", hint="choose another --out directory")
     if not os.access(p, os.W_OK):
@@ -70,7 +71,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, final)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
-        raise _os_error(exc, final) from None
+        raise write_error(exc, final) from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -152,7 +153,7 @@ def safe_extract(tar_path: str | os.PathLike, dest: str | os.PathLike) -> list[P
     except (tarfile.TarError, EOFError) as exc:
         raise CompressError(f"{tar_path} is a damaged tar archive: {exc}") from None
     except OSError as exc:
-        raise _os_error(exc, root) from None
+        raise write_error(exc, root) from None
     return written
 
 

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, schemas
+from . import schemas
 from ._io import atomic_path, ensure_dir, sha256_file, write_bytes, write_json, write_text
+from .version import __version__
 from .errors import CompressError
 from .run import Run, now
 
@@ -169,7 +170,7 @@ def make_bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bo
     """Write the deploy bundle folder and its .tar.gz; returns the bundle's manifest (with 'dir' and 'tarball' added).
     any_target (compress bench --remote): a target without TensorRT is taken too; its engines are planned for
     TensorRT DEFAULT_TENSORRT, and its ONNX files run through ONNX Runtime on the remote machine."""
-    from .bench.host import _version
+    from .bench.host import package_version as _version
     from .bench.report import load_report
     from .export.onnx_io import make_session, run_session
     from .export.tensorrt import graph_precision

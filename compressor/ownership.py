@@ -121,9 +121,9 @@ def claim_run_dir(path: str | os.PathLike, data_sources: tuple = ()) -> Path:
         try:
             os.close(os.open(p / LOCK, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0), 0o644))
         except OSError as exc:
-            from ._io import _os_error
+            from ._io import write_error
 
-            raise _os_error(exc, p / LOCK) from None
+            raise write_error(exc, p / LOCK) from None
     return p
 
 

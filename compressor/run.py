@@ -10,7 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 from ._io import sha256_file, sha256_json, write_json
 from .config import CompressConfig
 from .errors import CompressError

@@ -85,10 +85,10 @@ def host_mismatches(profile: dict, machine: str | None = None, flags: set[str] |
     """What this host lacks of the profile's cpu_arch and requires_cpu_features, one line each (empty: it has all)."""
     import platform
 
-    from .bench.host import _cpu
+    from .bench.host import cpu_info
 
     machine = machine if machine is not None else platform.machine()
-    flags = flags if flags is not None else _cpu()[1]
+    flags = flags if flags is not None else cpu_info()[1]
     out = []
     arch = profile.get("cpu_arch")
     aliases = {"x86_64": {"x86_64", "amd64"}, "aarch64": {"aarch64", "arm64"}}

@@ -411,12 +411,12 @@ def test_full_disk_while_saving_a_checkpoint_is_a_runtime_error(tmp_path, monkey
 
 def test_real_enospc_from_dev_full_maps_to_disk_full(tmp_path):
     """The same mapping with the kernel's own ENOSPC (/dev/full), not a fake one."""
-    from compressor._io import _os_error
+    from compressor._io import write_error
 
     with pytest.raises(OSError) as ei:
         with open("/dev/full", "wb") as fh:
             torch.save({"w": torch.zeros(100000)}, fh)
-    err = _os_error(ei.value, tmp_path / "x")
+    err = write_error(ei.value, tmp_path / "x")
     assert ei.value.errno == errno.ENOSPC and err.exit_code == 3 and "disk full" in str(err)
 
 

@@ -244,7 +244,7 @@ def test_cpu_features_this_host_lacks_are_reported():
 def test_cli_warns_when_this_host_lacks_the_features(capsys, monkeypatch):
     import compressor.bench.host as host
 
-    monkeypatch.setattr(host, "_cpu", lambda: ("test cpu", {"avx2"}))
+    monkeypatch.setattr(host, "cpu_info", lambda: ("test cpu", {"avx2"}))
     assert _cli("targets", "x86-avx512-vnni", "--text") == 0
     err = capsys.readouterr().err
     assert "warning:" in err and "avx512_vnni" in err

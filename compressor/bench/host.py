@@ -6,7 +6,8 @@ import platform
 from importlib import metadata
 
 
-def _cpu() -> tuple[str, set[str]]:
+def cpu_info() -> tuple[str, set[str]]:
+    """(model name, ISA feature flags) of this host's CPU, from /proc/cpuinfo where there is one."""
     model, flags = "", set()
     try:
         with open("/proc/cpuinfo") as fh:
@@ -24,7 +25,8 @@ def _cpu() -> tuple[str, set[str]]:
     return model, flags
 
 
-def _version(pkg: str) -> str | None:
+def package_version(pkg: str) -> str | None:
+    """The installed version of distribution `pkg`, or None when it is not installed."""
     try:
         return metadata.version(pkg)
     except metadata.PackageNotFoundError:
@@ -33,7 +35,7 @@ def _version(pkg: str) -> str | None:
 
 def describe_host() -> dict:
     """A JSON-able description of this host."""
-    model, flags = _cpu()
+    model, flags = cpu_info()
     features = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm") if f in flags]
     gpu = None
     try:
@@ -57,12 +59,12 @@ def describe_host() -> dict:
         "cpu_features": features,
         "gpu": gpu,
         "python": platform.python_version(),
-        "versions": {p: _version(p) for p in ("torch", "onnx", "onnxruntime", "numpy", "tensorrt") if _version(p)},
+        "versions": {p: package_version(p) for p in ("torch", "onnx", "onnxruntime", "numpy", "tensorrt") if package_version(p)},
     }
 
 
 def has_vnni() -> bool:
-    _, flags = _cpu()
+    _, flags = cpu_info()
     return bool({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"} & flags)
 
 

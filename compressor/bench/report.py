@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .. import __version__, schemas
+from .. import schemas
 from ..errors import CompressError
+from ..version import __version__
 from .host import describe_host
 
 def validate_report(rep: dict, where: str = "report") -> dict:

@@ -356,7 +356,7 @@ def write_bundle(cur: Side, out: Path) -> dict:
     import copy
     import shutil
 
-    from .. import __version__
+    from ..version import __version__
     from .._io import atomic_path, ensure_dir, sha256_file, write_bytes, write_json
     from .host import host_fingerprint
     from ..run import now

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import BenchConfig
-from ..runtime import OnnxRuntimeRunner, Runner, TeacherRunner, TorchRunner, infer_batched
+from ..runtime import Runner, infer_batched
+from ..runtime.registry import get_runner
 from .latency import measure
 
 
@@ -53,7 +54,7 @@ def _one(name: str, role: str, precision: str, runner: Runner, path: Path, param
 
 def teacher_row(run, teacher, cfg: BenchConfig, num_classes: int | None) -> tuple[dict, np.ndarray, Runner, BenchConfig]:
     """The teacher's row, its class for each held-out row, its runner and the settings it was timed with."""
-    t_runner = TeacherRunner(teacher, cfg.threads, num_classes=num_classes)
+    t_runner = get_runner("teacher")(teacher, cfg.threads, num_classes=num_classes)
     # a black box (callable or command) may be slow or paid per call: a short latency measurement is enough
     t_cfg = replace(cfg, warmup_ms=0.0, warmup_runs=1, min_runs=min(cfg.min_runs, 10), min_duration_s=0.0) if hasattr(teacher, "answers") else cfg
     row, pred = _one("teacher", "teacher", "fp32", t_runner, teacher.path, teacher.num_params() or 0, run, t_cfg, None)
@@ -77,30 +78,31 @@ def bench_models(run, cfg: BenchConfig) -> list[dict]:
         rows.append(_one(*args, run, cfg, teacher_pred)[0])
         runners.append((rows[-1], args[3], cfg))
 
+    torch_runner, ort_runner = get_runner("torch"), get_runner("onnxruntime")
     student = run.load_trained("student")
-    add("student", "student", "fp32", TorchRunner(student, threads), run.path("student.pt"), student_params)
+    add("student", "student", "fp32", torch_runner(student, threads), run.path("student.pt"), student_params)
     _save_timing_copies(run, cfg, student, rows[-1])
     if "baseline" in distill["outputs"]:
-        add("baseline (labels only)", "baseline", "fp32", TorchRunner(run.load_trained("baseline"), threads),
+        add("baseline (labels only)", "baseline", "fp32", torch_runner(run.load_trained("baseline"), threads),
             run.path("baseline.pt"), student_params)
     from ..runtime import pick_providers
 
     providers = pick_providers(cfg.providers)
     fp32 = run.path(run.stage("export")["outputs"]["onnx_fp32"])
-    add("student onnx fp32", "student", "fp32", OnnxRuntimeRunner(fp32, threads, providers), fp32, student_params)
+    add("student onnx fp32", "student", "fp32", ort_runner(fp32, threads, providers), fp32, student_params)
     outputs = run.stage("quantize")["outputs"]
     if "onnx_fp16" in outputs:  # the FP16 flavour, where the target takes it (on a CPU it shows accuracy, not speed)
         fp16 = run.path(outputs["onnx_fp16"])
-        add("student onnx fp16", "student", "fp16", OnnxRuntimeRunner(fp16, threads, providers), fp16, student_params)
+        add("student onnx fp16", "student", "fp16", ort_runner(fp16, threads, providers), fp16, student_params)
     int8 = run.path(outputs["onnx_int8"])
     # a TensorRT graph's accuracy is the device's: Q/DQ emulated, not this CPU's integer kernels (which saturate on x86
     # without VNNI); its latency here is ONNX Runtime's, as for every host row
-    emulated = OnnxRuntimeRunner(int8, threads, providers, emulate_qdq=True) if run.stage("quantize")["result"].get("recipe") == "tensorrt" else None
-    rows.append(_one("student onnx int8", "student", "int8", OnnxRuntimeRunner(int8, threads, providers), int8, student_params, run, cfg,
+    emulated = ort_runner(int8, threads, providers, emulate_qdq=True) if run.stage("quantize")["result"].get("recipe") == "tensorrt" else None
+    rows.append(_one("student onnx int8", "student", "int8", ort_runner(int8, threads, providers), int8, student_params, run, cfg,
                      teacher_pred, accuracy_runner=emulated)[0])
     if emulated is not None:
         rows[-1]["accuracy_note"] = "Q/DQ arithmetic emulated as TensorRT computes it"
-    runners.append((rows[-1], OnnxRuntimeRunner(int8, threads, providers), cfg))
+    runners.append((rows[-1], ort_runner(int8, threads, providers), cfg))
     if cfg.repeat > 1:
         _rounds(runners, run, cfg)
     if cfg.batch_sweep:
@@ -126,9 +128,10 @@ def _save_timing_copies(run, cfg: BenchConfig, student, row: dict) -> None:
         with torch.inference_mode(False), torch.no_grad():
             traced = student if isinstance(student, torch.jit.ScriptModule) else \
                 torch.jit.trace(student.eval(), torch.from_numpy(x1), check_trace=False, strict=False)  # the run's copy is one already
-        with TorchRunner(traced, cfg.threads) as r:  # the copy must run and give the student's logits, or it is not kept
+        torch_runner = get_runner("torch")
+        with torch_runner(traced, cfg.threads) as r:  # the copy must run and give the student's logits, or it is not kept
             y = r.infer(x1)
-        with TorchRunner(student, cfg.threads) as r:
+        with torch_runner(student, cfg.threads) as r:
             ref = r.infer(x1)
         if not (isinstance(y, np.ndarray) and y.shape == ref.shape and np.allclose(y, ref, rtol=1e-3, atol=1e-4)):
             raise ValueError("the traced copy does not reproduce the student's outputs")
@@ -184,16 +187,16 @@ def preprocessing_time(run, cfg: BenchConfig) -> dict | None:
     since the application pays it on every frame. None for array data (.npz, mnist1d), which arrives preprocessed."""
     from pathlib import Path as _Path
 
-    from ..data._folder import _read, _scan
+    from ..data._folder import read_images, scan_image_folder
 
     root = _Path(run.config.data.source)
     if not root.is_dir():
         return None
-    items = _scan(root)[1][:1]
+    items = scan_image_folder(root)[1][:1]
     shape = run.data.input_shape
     if not items or len(shape) != 3:
         return None
-    lat = measure(lambda: _read(items, (shape[1], shape[2]), shape[0], run.config.data), warmup_ms=cfg.warmup_ms / 2, warmup_runs=cfg.warmup_runs,
+    lat = measure(lambda: read_images(items, (shape[1], shape[2]), shape[0], run.config.data), warmup_ms=cfg.warmup_ms / 2, warmup_runs=cfg.warmup_runs,
                   min_runs=cfg.min_runs, min_duration_s=cfg.min_duration_s)
     return {"what": "decode, convert, resize, scale and normalise one image file (PIL), as the tool reads its data", "image": str(items[0][0]),
             "latency_ms": lat}

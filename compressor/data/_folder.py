@@ -8,11 +8,13 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import CompressError
+from .dataset import Dataset, stratified_split
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
-def _scan(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """(class names, [(image file, class index)]) of an image folder laid out as root/<class>/<image>, both sorted."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise CompressError(f"image folder {root} has no class sub-folders", hint="lay it out as root/<class>/<image>.png")
@@ -124,7 +126,8 @@ def _pixels(im, f: Path, size: tuple[int, int], channels: int) -> np.ndarray:
     return a[None] if channels == 1 else a.transpose(2, 0, 1)
 
 
-def _read(items, size: tuple[int, int], channels: int, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+def read_images(items, size: tuple[int, int], channels: int, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) for [(image file, class index)]: pixels (N, channels, *size) in [0, 1] (then --mean/--std), int64 labels."""
     limit = cfg.max_image_pixels
     x = np.empty((len(items), channels, size[0], size[1]), np.float32)
     with _pixel_limit(limit):
@@ -160,10 +163,8 @@ def _heldout_root(root: Path, cfg: DataConfig) -> Path | None:
 
 def load_image_folder(cfg: DataConfig, teacher_input_shape: tuple | None):
     """Images scaled to [0,1] (then --mean/--std), sized and coloured as the teacher expects."""
-    from . import Dataset, stratified_split
-
     root = Path(cfg.source)
-    classes, items = _scan(root)
+    classes, items = scan_image_folder(root)
     # Size and channels: flags first, then the teacher's declared input (N, C, H, W), then the first image.
     channels, size = cfg.channels, tuple(cfg.image_size) if cfg.image_size else None
     if teacher_input_shape is not None and len(teacher_input_shape) == 4:
@@ -183,15 +184,15 @@ def load_image_folder(cfg: DataConfig, teacher_input_shape: tuple | None):
                    size[0] * size[1], cfg.max_image_pixels)
     if err is not None:  # every image is resized to it: a size over the limit is refused like an image over it
         raise err
-    x, y = _read(items, size, channels, cfg)
+    x, y = read_images(items, size, channels, cfg)
     held_root = _heldout_root(root, cfg)
     if held_root is not None:
-        held_classes, held_items = _scan(held_root)
+        held_classes, held_items = scan_image_folder(held_root)
         unknown = set(held_classes) - set(classes)
         if unknown:
             raise CompressError(f"held-out folder {held_root} has classes not in {root}: {sorted(unknown)}")
         remap = {i: classes.index(c) for i, c in enumerate(held_classes)}
-        xt, yt = _read(held_items, size, channels, cfg)
+        xt, yt = read_images(held_items, size, channels, cfg)
         yt = np.asarray([remap[int(v)] for v in yt], np.int64)
         return Dataset(x, y, xt, yt, "folder", str(root), class_names=classes)
     keep, held = stratified_split(y, cfg.heldout_fraction, cfg.seed)

@@ -9,6 +9,7 @@ import numpy as np
 from .._io import atomic_path, ensure_dir
 from ..errors import CompressError
 from ..config import DataConfig
+from .dataset import Dataset
 
 
 def generate(samples: int, seed: int = 42) -> dict:
@@ -33,8 +34,6 @@ def user_cache_dir() -> Path:
 
 
 def load_mnist1d(cfg: DataConfig, cache_dir: Path | None):
-    from . import Dataset
-
     # The data is a pure function of its size, so one copy in the user's cache serves every run.
     try:
         cache_dir = ensure_dir(user_cache_dir())

@@ -7,6 +7,7 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import CompressError
+from .dataset import Dataset, check_token_ids, stratified_split
 
 
 def _array(npz, key: str, path: Path, kind: str) -> np.ndarray:
@@ -20,8 +21,6 @@ def _array(npz, key: str, path: Path, kind: str) -> np.ndarray:
         if a.dtype.kind not in "fiu" or a.dtype == np.bool_:
             raise CompressError(f"{path}: '{key}' must be a float array (features) or an integer array (token ids), got dtype {a.dtype}")
         if a.dtype.kind in "iu":  # token ids, e.g. (N, L) for a sequence model: kept as int64 (torch embeddings, ONNX Gather)
-            from . import check_token_ids
-
             check_token_ids(a, f"{path}: '{key}'")
             return np.ascontiguousarray(a, dtype=np.int64)
         with np.errstate(over="ignore"):  # float64 beyond float32's range becomes Inf, which validate() reports
@@ -32,8 +31,6 @@ def _array(npz, key: str, path: Path, kind: str) -> np.ndarray:
 
 
 def load_npz(path: Path, cfg: DataConfig):
-    from . import Dataset, stratified_split
-
     if path.stat().st_size == 0:
         raise CompressError(f"data {path} is empty")
     try:

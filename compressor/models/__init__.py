@@ -1,5 +1,6 @@
 """Loading teachers in any supported format and building students."""
-from .student import build_student, list_students, load_student
+from .registry import get_student, list_students, register_student
+from .student import build_student, load_student
 from .teacher import Teacher, load_teacher
 
-__all__ = ["Teacher", "load_teacher", "build_student", "load_student", "list_students"]
+__all__ = ["Teacher", "load_teacher", "build_student", "load_student", "list_students", "register_student", "get_student"]

@@ -17,7 +17,7 @@ import numpy as np
 from .._io import sha256_file, sha256_json
 from ..errors import CompressError
 from ._spec import load_callable
-from .teacher import Teacher
+from .teacher_base import Teacher
 
 CMD_PREFIX = "cmd:"
 COMMAND_TIMEOUT_S = 600.0  # per call: a command that hangs is an error, not a stuck run

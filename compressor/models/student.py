@@ -5,6 +5,7 @@ import math
 
 from ..errors import CompressError, did_you_mean
 from ._spec import call_factory, load_callable
+from .registry import get_student, list_students, register_student  # noqa: F401  (list_students re-exported)
 
 
 def _torch():
@@ -14,6 +15,7 @@ def _torch():
     return torch, nn
 
 
+@register_student("cnn1d")
 def cnn1d(input_shape: tuple, num_classes: int, width: int = 16):
     """A small 1-D conv net for signals shaped (L,) or (C, L)."""
     torch, nn = _torch()
@@ -38,6 +40,7 @@ def cnn1d(input_shape: tuple, num_classes: int, width: int = 16):
     return CNN1d()
 
 
+@register_student("cnn2d")
 def cnn2d(input_shape: tuple, num_classes: int, width: int = 16):
     """A small 2-D conv net for images shaped (C, H, W)."""
     torch, nn = _torch()
@@ -52,12 +55,14 @@ def cnn2d(input_shape: tuple, num_classes: int, width: int = 16):
     )
 
 
+@register_student("mlp")
 def mlp(input_shape: tuple, num_classes: int, width: int = 64):
     """A two-layer perceptron over the flattened input."""
     torch, nn = _torch()
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width), nn.ReLU(), nn.Linear(width, num_classes))
 
 
+@register_student("transformer")
 def transformer(input_shape: tuple, num_classes: int, width: int = 32, vocab_size: int = 256, layers: int = 2):
     """A small transformer encoder for integer token ids shaped (L,): token + learned position embeddings,
     pre-norm encoder layers, mean pool over positions, linear head."""
@@ -85,12 +90,7 @@ def transformer(input_shape: tuple, num_classes: int, width: int = 32, vocab_siz
     return TokenTransformer()
 
 
-_STUDENTS = {"cnn1d": cnn1d, "cnn2d": cnn2d, "mlp": mlp, "transformer": transformer}
 _WIDTHS = (4, 6, 8, 12, 16, 20, 24, 32, 48, 64, 96, 128)
-
-
-def list_students() -> list[str]:
-    return sorted(_STUDENTS)
 
 
 def _family(input_shape: tuple) -> str:
@@ -108,7 +108,7 @@ def default_student_record(input_shape: tuple, num_classes: int, teacher_params:
     extra = {"vocab_size": int(vocab_size)} if vocab_size else {}
     width = 16
     if teacher_params:
-        fitting = [w for w in _WIDTHS if _params(_STUDENTS[family](input_shape, num_classes, w, **extra)) <= teacher_params / 10]
+        fitting = [w for w in _WIDTHS if _params(get_student(family)(input_shape, num_classes, w, **extra)) <= teacher_params / 10]
         width = fitting[-1] if fitting else _WIDTHS[0]
     return {"spec": f"builtin:{family}", "kwargs": {"input_shape": list(input_shape), "num_classes": num_classes, "width": width, **extra}}
 
@@ -141,12 +141,10 @@ def load_student(record: dict, input_shape: tuple | None = None, num_classes: in
     if spec.startswith("teacher:"):
         return from_teacher(spec, teacher, record)[0]
     if spec.startswith("builtin:"):
-        name = spec.split(":", 1)[1]
-        if name not in _STUDENTS:
-            raise CompressError(f"unknown built-in student '{name}'.{did_you_mean(name, _STUDENTS)}")
+        factory = get_student(spec.split(":", 1)[1])
         kw = dict(record["kwargs"])
         kw["input_shape"] = tuple(kw["input_shape"])
-        module = _STUDENTS[name](**kw)
+        module = factory(**kw)
     else:
         fn = load_callable(spec, "--student")
         module = call_factory(fn, spec, "--student", num_classes=num_classes, input_shape=input_shape)

@@ -1,9 +1,12 @@
-"""Runners with one interface: activate, infer a batch, describe, deactivate (Polygraphy's split)."""
+"""Runners with one interface: activate, infer a batch, describe, deactivate (Polygraphy's split).
+Each registers itself by name (compressor/runtime/registry.py: get_runner, list_runners); TensorRT's lazily."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+from .registry import get_runner, list_runners, register_runner  # noqa: F401  (re-exported)
 
 
 class Runner:
@@ -35,6 +38,7 @@ class Runner:
         self.deactivate()
 
 
+@register_runner("torch")
 class TorchRunner(Runner):
     """A torch module (eager, TorchScript or an exported program's module) on the CPU."""
 
@@ -62,6 +66,7 @@ class TorchRunner(Runner):
         return y.numpy()
 
 
+@register_runner("onnxruntime")
 class OnnxRuntimeRunner(Runner):
     """An ONNX model through ONNX Runtime's CPU execution provider, with a fixed thread count."""
 
@@ -95,6 +100,7 @@ class OnnxRuntimeRunner(Runner):
         return {**super().describe(), "provider": self.providers[0]}
 
 
+@register_runner("slowed")
 class SlowedRunner(Runner):
     """Another runner made `factor` slower: after each call it busy-waits factor times that call's own duration, so the
     slowdown scales with the model's cost as more work of the same kind would. A stand-in for a regressed model, to
@@ -125,6 +131,9 @@ class SlowedRunner(Runner):
         return self.inner.describe()
 
 
+# TensorRT (compressor/runtime/tensorrt.py) by name only: importing it stays the caller's choice
+register_runner("tensorrt", lazy="compressor.runtime.tensorrt:TensorRTRunner")
+
 # ONNX Runtime execution providers by what the user asks for, best first; CPU always last as the fallback.
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -152,6 +161,7 @@ def pick_providers(wanted: str = "cpu", available: list[str] | None = None) -> l
     return [p for p in PROVIDERS[wanted] if p in available]
 
 
+@register_runner("teacher")
 class TeacherRunner(Runner):
     """A loaded Teacher through its own logits(), so teachers exported with a fixed batch size run too."""
 

@@ -10,8 +10,10 @@ import numpy as np
 
 from ..errors import CompressError
 from . import Runner, trt_core
+from .registry import register_runner
 
 
+@register_runner("tensorrt")
 class TensorRTRunner(Runner):
     """A serialized engine (.engine / .plan) run with execute_async_v3; each run's GPU time is kept from CUDA events."""
 

@@ -2,52 +2,16 @@
 
 A loss is called as ``loss(student_logits, teacher_logits, labels, cfg)`` where labels use -1 for unlabeled rows
 and teacher_logits may be None (labels-only) or a target in the form the teacher answers (see blackbox.py).
-It returns a scalar. Register one with ``@register("name")``.
+It returns a scalar. Register one with ``@register("name")`` (from .registry, re-exported here).
 """
 from __future__ import annotations
 
-from ...errors import CompressError, did_you_mean
+from .registry import get_loss, list_losses, mix_with_labels, register, standardize  # noqa: F401  (re-exported)
 
-_LOSSES: dict = {}
+# the built-in losses register themselves on import (none imports torch before it is called)
+from . import dist, dkd, kd, labels  # noqa: F401
 
-
-def register(name: str):
-    def deco(fn):
-        _LOSSES[name] = fn
-        return fn
-
-    return deco
-
-
-def _load_all() -> None:
-    from . import dist, dkd, kd, labels  # noqa: F401  (each registers itself)
-    try:
-        from . import blackbox  # noqa: F401
-    except ImportError:
-        pass
-
-
-def list_losses() -> list[str]:
-    _load_all()
-    return sorted(_LOSSES)
-
-
-def get_loss(name: str):
-    _load_all()
-    if name not in _LOSSES:
-        raise CompressError(f"unknown distillation loss '{name}'.{did_you_mean(name, _LOSSES)}", hint=f"choose one of {', '.join(list_losses())}")
-    return _LOSSES[name]
-
-
-def mix_with_labels(soft_per_row, student, labels, cfg):
-    """alpha*soft + (1-alpha)*CE on labeled rows; the soft term alone on unlabeled rows; mean over the batch."""
-    import torch.nn.functional as F
-
-    labeled = labels >= 0
-    ce = F.cross_entropy(student, labels.clamp(min=0), reduction="none")
-    return soft_per_row.where(~labeled, cfg.alpha * soft_per_row + (1 - cfg.alpha) * ce).mean()
-
-
-def standardize(z, eps: float = 1e-7):
-    """Z-score each row of logits (Sun et al., CVPR 2024: 'Logit Standardization in Knowledge Distillation')."""
-    return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + eps)
+try:
+    from . import blackbox  # noqa: F401
+except ImportError:
+    pass

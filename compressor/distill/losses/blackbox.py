@@ -15,7 +15,7 @@ term alone on unlabeled rows, CE alone on labeled rows the teacher was not asked
 """
 from __future__ import annotations
 
-from . import register
+from .registry import register
 
 LABEL_SMOOTHING = 0.1
 

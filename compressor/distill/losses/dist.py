@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 
-from . import mix_with_labels, register
+from .registry import mix_with_labels, register
 
 
 def _pearson_distance(a, b, dim: int, eps: float = 1e-8):

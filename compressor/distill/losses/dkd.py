@@ -3,7 +3,7 @@ teacher is of the true class) and a non-target part (NCKD: how it spreads the re
 weighted separately. The target class is the label where there is one, else the teacher's top class."""
 from __future__ import annotations
 
-from . import mix_with_labels, register, standardize
+from .registry import mix_with_labels, register, standardize
 
 
 def dkd_per_row(student, teacher, target, T: float, a: float, b: float, logit_standardize: bool = False):

@@ -1,7 +1,7 @@
 """Hinton, Vinyals and Dean (2015): KL between temperature-softened teacher and student distributions."""
 from __future__ import annotations
 
-from . import mix_with_labels, register, standardize
+from .registry import mix_with_labels, register, standardize
 
 
 def kd_per_row(student, teacher, T: float, logit_standardize: bool = False):

@@ -1,7 +1,7 @@
 """The baseline: cross-entropy on labeled rows only."""
 from __future__ import annotations
 
-from . import register
+from .registry import register
 
 
 @register("labels")
