@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from html import escape
 
-from .report import HEADERS, _table_rows, render_markdown
+from .report import HEADERS, render_markdown, table_rows
 
 # where a row's latency comes from: its marker shape and legend label
 PLACES = {"host": ("circle", "measured on this host"), "device": ("square", "measured on the device"),
@@ -85,22 +85,52 @@ def _marker(shape: str, x: float, y: float, fill: str, stroke: str, extra: str =
 
 def render_plot(models: list[dict], front: dict[str, list[str]]) -> str:
     """The accuracy-vs-latency plot as an inline SVG element: one labelled marker per model (class "point")."""
-    lats = [m["latency_ms"]["p50"] for m in models]
-    accs = [m["accuracy"] * 100 for m in models]
-    log = min(lats) > 0 and max(lats) / min(lats) > 10
-    if log:
-        x0, x1, xticks = _log_ticks(min(lats), max(lats))
-        fx = lambda v: LEFT + (math.log10(v) - math.log10(x0)) / (math.log10(x1) - math.log10(x0)) * (W - LEFT - RIGHT)  # noqa: E731
-    else:
-        x0, x1, xticks = _linear_ticks(0.0, max(lats) * 1.05 if max(lats) > 0 else 1.0)
-        fx = lambda v: LEFT + (v - x0) / (x1 - x0) * (W - LEFT - RIGHT)  # noqa: E731
-    pad = max(0.5, (max(accs) - min(accs)) * 0.08)
-    y0, y1, yticks = _linear_ticks(max(0.0, min(accs) - pad), min(100.0, max(accs) + pad))
-    fy = lambda v: TOP + (1 - (v - y0) / (y1 - y0)) * (H - TOP - BOTTOM)  # noqa: E731
+    log, xticks, fx = _latency_axis([m["latency_ms"]["p50"] for m in models])
+    yticks, fy = _accuracy_axis([m["accuracy"] * 100 for m in models])
 
     out = [f'<svg class="plot" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" '
            f'aria-label="accuracy against p50 latency, one marker per model">',
-           f'<rect x="{LEFT}" y="{TOP}" width="{W - LEFT - RIGHT}" height="{H - TOP - BOTTOM}" fill="#fbfbfb" stroke="#999"/>']
+           f'<rect x="{LEFT}" y="{TOP}" width="{W - LEFT - RIGHT}" height="{H - TOP - BOTTOM}" fill="#fbfbfb" stroke="#999"/>',
+           *_grid(xticks, yticks, fx, fy, log), *_front_paths(models, front, fx, fy)]
+    on_front = {n for names in front.values() for n in names}
+
+    def xy(m):
+        return fx(m["latency_ms"]["p50"]), fy(m["accuracy"] * 100)
+
+    # boxes already taken (every marker, then each label drawn), to keep labels off markers and other labels
+    placed = [(x - 8, y - 8, x + 8, y + 8) for x, y in map(xy, models)]
+    for m in sorted(models, key=lambda m: (m["latency_ms"]["p50"], -m["accuracy"])):
+        x, y = xy(m)
+        out.append(_point(m, x, y, m["name"] in on_front))
+        label = m["name"] + (" †" if place(m) == "device" else " ≈" if place(m) == "estimated" else "")
+        w = 6.6 * len(label) + 4
+        lx, ly = _label_spot(x, y, w, placed)
+        placed.append((lx, ly - 11, lx + w, ly + 3))
+        out.append(f'<text x="{lx:.1f}" y="{ly:.1f}" class="label">{escape(label)}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _latency_axis(lats: list[float]):
+    """(log scale?, the ticks, latency ms -> x): a log axis when the latencies span more than a factor 10."""
+    log = min(lats) > 0 and max(lats) / min(lats) > 10
+    if log:
+        x0, x1, xticks = _log_ticks(min(lats), max(lats))
+        return log, xticks, lambda v: LEFT + (math.log10(v) - math.log10(x0)) / (math.log10(x1) - math.log10(x0)) * (W - LEFT - RIGHT)
+    x0, x1, xticks = _linear_ticks(0.0, max(lats) * 1.05 if max(lats) > 0 else 1.0)
+    return log, xticks, lambda v: LEFT + (v - x0) / (x1 - x0) * (W - LEFT - RIGHT)
+
+
+def _accuracy_axis(accs: list[float]):
+    """(the ticks, accuracy % -> y): the accuracies with some margin, within 0..100."""
+    pad = max(0.5, (max(accs) - min(accs)) * 0.08)
+    y0, y1, yticks = _linear_ticks(max(0.0, min(accs) - pad), min(100.0, max(accs) + pad))
+    return yticks, lambda v: TOP + (1 - (v - y0) / (y1 - y0)) * (H - TOP - BOTTOM)
+
+
+def _grid(xticks: list[float], yticks: list[float], fx, fy, log: bool) -> list[str]:
+    """The grid lines, tick labels and axis titles."""
+    out = []
     for t in xticks:
         x = fx(t)
         out.append(f'<line x1="{x:.1f}" y1="{TOP}" x2="{x:.1f}" y2="{H - BOTTOM}" stroke="#e3e3e3"/>'
@@ -113,38 +143,39 @@ def render_plot(models: list[dict], front: dict[str, list[str]]) -> str:
                f'{" (log scale)" if log else ""} — lower is faster</text>')
     out.append(f'<text transform="translate(16 {(TOP + H - BOTTOM) / 2:.0f}) rotate(-90)" text-anchor="middle" class="axis">'
                f'held-out accuracy %</text>')
+    return out
 
+
+def _front_paths(models: list[dict], front: dict[str, list[str]], fx, fy) -> list[str]:
+    """Each Pareto front of more than one model as a step line through its models, fastest first."""
     by_name = {m["name"]: m for m in models}
-    for p, names in front.items():  # the front: a step line through its models, fastest first
+    out = []
+    for p, names in front.items():
         pts = [(fx(by_name[n]["latency_ms"]["p50"]), fy(by_name[n]["accuracy"] * 100)) for n in names]
         if len(pts) > 1:
             path = f"M{pts[0][0]:.1f},{pts[0][1]:.1f} " + " ".join(f"H{x:.1f} V{y:.1f}" for x, y in pts[1:])
             out.append(f'<path class="front" d="{path}" fill="none" stroke="{FRONT_COLOURS[p]}" stroke-width="2" stroke-opacity="0.8"/>')
-    on_front = {n for names in front.values() for n in names}
+    return out
 
-    # boxes already taken (every marker, then each label drawn), to keep labels off markers and other labels
-    placed = [(fx(m["latency_ms"]["p50"]) - 8, fy(m["accuracy"] * 100) - 8, fx(m["latency_ms"]["p50"]) + 8, fy(m["accuracy"] * 100) + 8)
-              for m in models]
-    for m in sorted(models, key=lambda m: (m["latency_ms"]["p50"], -m["accuracy"])):
-        x, y = fx(m["latency_ms"]["p50"]), fy(m["accuracy"] * 100)
-        shape, where = PLACES[place(m)]
-        colour = ROLE_COLOURS.get(m["role"], "#333")
-        tip = (f"{m['name']}: {m['format']} {m['precision']}, {m['accuracy'] * 100:.2f}% accuracy, "
-               f"{m['latency_ms']['p50']:.4g} ms p50, {where}" + (", on the Pareto front" if m["name"] in on_front else ""))
-        out.append(f'<g class="point" data-model="{escape(m["name"])}" data-place="{place(m)}"><title>{escape(tip)}</title>'
-                   + _marker(shape, x, y, colour if m["name"] in on_front else "#ffffff", colour) + "</g>")
-        label = m["name"] + (" †" if place(m) == "device" else " ≈" if place(m) == "estimated" else "")
-        w = 6.6 * len(label) + 4
-        # right of the marker, left of it, then below and above, then further down: the first spot that is free and inside the plot
-        spots = [(x + 10, y + 4), (x - 10 - w, y + 4), (x - w / 2, y + 20), (x - w / 2, y - 11), (x + 10, y + 17), (x + 10, y - 9),
-                 (x - 10 - w, y + 17), (x - 10 - w, y - 9), *((x + 10, y + 4 + 13 * k) for k in range(2, 6))]
-        free = [(sx, sy) for sx, sy in spots if LEFT < sx and sx + w < W - RIGHT and TOP + 11 < sy < H - BOTTOM - 3
-                and not any(sx < bx1 and sx + w > bx0 and sy - 11 < by1 and sy + 3 > by0 for bx0, by0, bx1, by1 in placed)]
-        lx, ly = free[0] if free else spots[0] if x + 10 + w < W - RIGHT else spots[1]
-        placed.append((lx, ly - 11, lx + w, ly + 3))
-        out.append(f'<text x="{lx:.1f}" y="{ly:.1f}" class="label">{escape(label)}</text>')
-    out.append("</svg>")
-    return "\n".join(out)
+
+def _point(m: dict, x: float, y: float, on_front: bool) -> str:
+    """A model's marker (filled when on the front) with its tooltip."""
+    shape, where = PLACES[place(m)]
+    colour = ROLE_COLOURS.get(m["role"], "#333")
+    tip = (f"{m['name']}: {m['format']} {m['precision']}, {m['accuracy'] * 100:.2f}% accuracy, "
+           f"{m['latency_ms']['p50']:.4g} ms p50, {where}" + (", on the Pareto front" if on_front else ""))
+    return (f'<g class="point" data-model="{escape(m["name"])}" data-place="{place(m)}"><title>{escape(tip)}</title>'
+            + _marker(shape, x, y, colour if on_front else "#ffffff", colour) + "</g>")
+
+
+def _label_spot(x: float, y: float, w: float, placed: list[tuple]) -> tuple[float, float]:
+    """Where a label w wide goes beside the marker at (x, y): right of the marker, left of it, then below and above, then
+    further down: the first spot that is free (of the boxes in placed) and inside the plot."""
+    spots = [(x + 10, y + 4), (x - 10 - w, y + 4), (x - w / 2, y + 20), (x - w / 2, y - 11), (x + 10, y + 17), (x + 10, y - 9),
+             (x - 10 - w, y + 17), (x - 10 - w, y - 9), *((x + 10, y + 4 + 13 * k) for k in range(2, 6))]
+    free = [(sx, sy) for sx, sy in spots if LEFT < sx and sx + w < W - RIGHT and TOP + 11 < sy < H - BOTTOM - 3
+            and not any(sx < bx1 and sx + w > bx0 and sy - 11 < by1 and sy + 3 > by0 for bx0, by0, bx1, by1 in placed)]
+    return free[0] if free else spots[0] if x + 10 + w < W - RIGHT else spots[1]
 
 
 def render_legend(models: list[dict], front: dict[str, list[str]]) -> str:
@@ -191,7 +222,7 @@ def render_html(report: dict) -> str:
 
     head = "".join(f"<th>{escape(c)}</th>" for c in HEADERS)
     body = []
-    for m, row in zip(models, _table_rows(rep)):
+    for m, row in zip(models, table_rows(rep)):
         p = place(m)
         badges = ((' <span class="badge front" title="Pareto front: no other model is both at least as fast and as accurate">Pareto</span>'
                    if m["name"] in on_front else "")

@@ -40,20 +40,36 @@ def load_report(path: str | Path) -> dict:
 
 def build_report(run, models: list[dict]) -> dict:
     """Assemble the report for a run from its manifest and the benched models."""
-    from ..run import now
-
     target, host = run.target, describe_host()
     on_host = bool(target.get("is_host"))
-    where = f"{host['cpu']} ({host['cpu_count']} cores{', GPU ' + host['gpu'] if host['gpu'] else ''})"
-    note = (f"Latencies were measured on this host: {where}." if on_host else
-            f"Latencies were measured on this host ({where}) with ONNX Runtime / PyTorch on the CPU, NOT on the target "
-            f"{target['description']}; they show relative speed only.")
+    note = _latency_note(target, host, on_host)
     stages = run.manifest["stages"]
     distill, quant = stages["distill"]["result"], stages["quantize"]["result"]
-    cfg = run.config
-    notes = [note]
     int8 = next((m for m in models if m["precision"] == "int8"), None)
     fp32 = next((m for m in models if m["format"] == "onnx" and m["precision"] == "fp32"), None)
+    notes = [note, *_quantize_notes(quant, int8, fp32), *_exporter_notes(stages["export"]["result"]["check"]),
+             *_int8_accuracy_notes(quant, int8), *_measurement_notes(host, models)]
+    rep = _report_body(run, models, host, note, notes, on_host)
+    est = estimates(run, models)
+    if est:  # never mixed with the measured rows
+        rep["estimates"] = est
+        notes.append(f"Latencies on {target['name']} are estimated, not measured (roofline; see 'Estimated' below): "
+                     "measure them with 'compress bundle' on the device or 'compress bench --remote'.")
+    _add_distill_sections(rep, distill)
+    return validate_report(rep)
+
+
+def _latency_note(target: dict, host: dict, on_host: bool) -> str:
+    """The report's first note: where the latencies were measured, and what they mean for the target."""
+    where = f"{host['cpu']} ({host['cpu_count']} cores{', GPU ' + host['gpu'] if host['gpu'] else ''})"
+    return (f"Latencies were measured on this host: {where}." if on_host else
+            f"Latencies were measured on this host ({where}) with ONNX Runtime / PyTorch on the CPU, NOT on the target "
+            f"{target['description']}; they show relative speed only.")
+
+
+def _quantize_notes(quant: dict, int8: dict | None, fp32: dict | None) -> list[str]:
+    """Notes on the INT8 model's speed and on what its recipe left in float."""
+    notes = []
     if int8 and fp32 and int8["latency_ms"]["p50"] > fp32["latency_ms"]["p50"]:
         notes.append(f"INT8 ({quant['recipe']}) is slower than FP32 on this host for this model "
                      f"({int8['latency_ms']['p50']:.3f} vs {fp32['latency_ms']['p50']:.3f} ms p50): ship FP32 for this CPU.")
@@ -66,15 +82,25 @@ def build_report(run, models: list[dict]) -> dict:
         notes.append(f"INT8 kept {len(quant['kept_float'])} node(s) in float to stay within {quant['int8_tolerance']:g} point(s) of FP32: "
                      + ", ".join(f"{k['node']} ({k['op']})" for k in quant["kept_float"])
                      + (f"; they cost {cost:+.3f} ms p50 against the fully quantized model (batch 1, 1 thread)" if cost is not None else "") + ".")
-    export_check = stages["export"]["result"]["check"]
-    if export_check.get("exporters_rejected"):  # the first exporter in the chain failed: say which made the graph and why
-        from ..export.onnx_io import EXPORTER_LABELS
+    return notes
 
-        why = "; ".join(f"the {EXPORTER_LABELS.get(r['exporter'], r['exporter'])} was not used: {r['reason']}" for r in export_check["exporters_rejected"])
-        notes.append(f"The ONNX graph was made by the {EXPORTER_LABELS.get(export_check.get('exporter'), export_check.get('exporter'))} "
-                     f"(opset {export_check.get('opset')}); {why}.")
+
+def _exporter_notes(export_check: dict) -> list[str]:
+    """A note when the first exporter in the chain failed: which one made the graph, and why the others were not used."""
+    if not export_check.get("exporters_rejected"):
+        return []
+    from ..export.onnx_io import EXPORTER_LABELS
+
+    why = "; ".join(f"the {EXPORTER_LABELS.get(r['exporter'], r['exporter'])} was not used: {r['reason']}" for r in export_check["exporters_rejected"])
+    return [f"The ONNX graph was made by the {EXPORTER_LABELS.get(export_check.get('exporter'), export_check.get('exporter'))} "
+            f"(opset {export_check.get('opset')}); {why}."]
+
+
+def _int8_accuracy_notes(quant: dict, int8: dict | None) -> list[str]:
+    """Notes on how the INT8 accuracy was measured and reached (emulated Q/DQ, fake-quantization fine-tuning, tolerance missed)."""
+    notes = []
     if int8 and int8.get("accuracy_note"):
-        notes.append(f"INT8 accuracy and agreement of the TensorRT graph were computed with its Q/DQ arithmetic emulated as TensorRT "
+        notes.append("INT8 accuracy and agreement of the TensorRT graph were computed with its Q/DQ arithmetic emulated as TensorRT "
                      "computes it (ONNX Runtime with Q/DQ fusion off), not with this CPU's integer kernels; its latency here is ONNX Runtime's.")
     if quant.get("qat") and quant["qat"].get("used"):
         notes.append(f"INT8 comes from the student fine-tuned with fake quantization against the teacher ({quant['qat']['steps']} steps): "
@@ -82,12 +108,34 @@ def build_report(run, models: list[dict]) -> dict:
     if "within_tolerance" in quant and not quant["within_tolerance"]:
         notes.append(f"INT8 loses {quant['drop_points']:.2f} points of {quant['validation']['metric']} on the validation split, more than the "
                      f"{quant['int8_tolerance']:g} allowed, even after the accuracy-aware search: ship FP32 (or FP16) where accuracy matters.")
+    return notes
+
+
+def _measurement_notes(host: dict, models: list[dict]) -> list[str]:
+    """Notes on latencies that may be off: a busy machine, noisy measurements."""
+    notes = []
     if host.get("load_average_1m") and host["cpu_count"] and host["load_average_1m"] > host["cpu_count"]:
         notes.append(f"The machine was busy while benchmarking (load average {host['load_average_1m']} on {host['cpu_count']} cores): "
                      "latencies are likely inflated; rerun 'compress bench RUN --force' on a quiet machine.")
     if any(m["latency_ms"].get("noisy") for m in models):
         notes.append("Some latency measurements were noisy (coefficient of variation above 15%); rerun 'compress bench' on a quiet machine.")
-    rep = {
+    return notes
+
+
+QUANTIZE_CHECK_KEYS = ("recipe", "requested", "agreement_with_fp32", "calibration_rows", "calibrate_method", "trials",
+                       "int8_tolerance", "drop_points", "within_tolerance", "validation", "kept_float", "kept_float_cost_ms", "qat")
+DISTILL_CHECK_KEYS = ("val_accuracy", "best_step", "steps", "seconds", "train_rows")
+
+
+def _report_body(run, models: list[dict], host: dict, note: str, notes: list[str], on_host: bool) -> dict:
+    """The report's fields from the run's manifest and config, the benched models and the notes (the list itself, still growing)."""
+    from ..run import now
+
+    target, cfg = run.target, run.config
+    stages = run.manifest["stages"]
+    distill, quant = stages["distill"]["result"], stages["quantize"]["result"]
+    teacher = run.manifest["inputs"]["teacher"]
+    return {
         "schema_version": 1,
         "created": now(),
         "tool_version": __version__,
@@ -98,24 +146,20 @@ def build_report(run, models: list[dict]) -> dict:
         "data": distill["data"],
         "configs": {"data": cfg.data.to_dict(), "distill": cfg.distill.to_dict(), "export": cfg.export.to_dict(),
                     "quantize": cfg.quantize.to_dict(), "bench": cfg.bench.to_dict()},
-        "teacher": {"path": run.manifest["inputs"]["teacher"]["path"], "sha256": run.manifest["inputs"]["teacher"]["sha256"],
-                    "format": distill["teacher_format"]},
+        "teacher": {"path": teacher["path"], "sha256": teacher["sha256"], "format": distill["teacher_format"]},
         "models": models,
         "checks": {
             "export": stages["export"]["result"]["check"],
-            "quantize": {k: quant[k] for k in ("recipe", "requested", "agreement_with_fp32", "calibration_rows", "calibrate_method", "trials",
-                                               "int8_tolerance", "drop_points", "within_tolerance", "validation", "kept_float", "kept_float_cost_ms", "qat")
-                         if k in quant},
-            "distill": {k: {kk: v[kk] for kk in ("val_accuracy", "best_step", "steps", "seconds", "train_rows")}
-                        for k, v in distill.items() if k in ("student", "baseline")},
+            "quantize": {k: quant[k] for k in QUANTIZE_CHECK_KEYS if k in quant},
+            "distill": {k: {kk: v[kk] for kk in DISTILL_CHECK_KEYS} for k, v in distill.items() if k in ("student", "baseline")},
         },
         "notes": notes,
     }
-    est = estimates(run, models)
-    if est:  # never mixed with the measured rows
-        rep["estimates"] = est
-        notes.append(f"Latencies on {target['name']} are estimated, not measured (roofline; see 'Estimated' below): "
-                     "measure them with 'compress bundle' on the device or 'compress bench --remote'.")
+
+
+def _add_distill_sections(rep: dict, distill: dict) -> None:
+    """What the distill stage adds to the report: a black-box teacher's queries, the stage's own notes, the --search trials."""
+    notes = rep["notes"]
     if distill.get("teacher_queries"):  # a black-box flow: the rows and calls the teacher was asked for
         rep["checks"]["distill"]["teacher_queries"] = {k: v for k, v in distill["teacher_queries"].items() if k in QUERY_KEYS}
     held = distill.get("teacher_heldout_queries")  # a black box's held-out accuracy and latency, measured by distill (api._save_code_free)
@@ -128,7 +172,6 @@ def build_report(run, models: list[dict]) -> dict:
         best = rep["search"]["best"]
         notes.append(f"configs.distill holds the settings asked for; --search trained the student with trial {best['number']}'s: "
                      + ", ".join(f"{k}={_fmt_param(v)}" for k, v in best["params"].items()) + ".")
-    return validate_report(rep)
 
 
 # The profile figures a roofline estimate needs, per precision: the GPU's dense peak (TOPS or TFLOPS) and the bandwidth.
@@ -212,7 +255,8 @@ def render_search(s: dict) -> list[str]:
     return lines
 
 
-def _table_rows(rep: dict, runtime: bool = True) -> list[list[str]]:
+def table_rows(rep: dict, runtime: bool = True) -> list[list[str]]:
+    """The comparison table's cells, one row of strings per model (columns as HEADERS; without "runtime" if not runtime)."""
     teacher = next((m for m in rep["models"] if m["role"] == "teacher"), rep["models"][0])
     rows = []
     for m in rep["models"]:
@@ -245,7 +289,7 @@ def render_markdown(rep: dict) -> str:
         "| " + " | ".join(HEADERS) + " |",
         "|" + "|".join("---" for _ in HEADERS) + "|",
     ]
-    lines += ["| " + " | ".join(r) + " |" for r in _table_rows(rep)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(rep)]
     lat = rep["models"][0]["latency_ms"]
     threads = rep["models"][0].get("threads", "?")
     rounds = lat.get("rounds")
@@ -311,7 +355,7 @@ def print_table(rep: dict, console=None) -> None:
     table = Table(title=f"target {rich_text(rep['target']['name'])}", caption=rich_text(rep["target"]["latency_note"]))
     for i, h in enumerate(["model", "format", "acc %", "agree %", "p50 ms", "p99 ms", "params", "KiB", "vs teacher"]):
         table.add_column(h, justify="left" if i < 2 else "right")
-    for r in _table_rows(rep, runtime=False):
+    for r in table_rows(rep, runtime=False):
         table.add_row(*(rich_text(c) for c in r))
     console.print(table)
     for n in rep.get("notes", [])[1:]:

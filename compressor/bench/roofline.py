@@ -39,37 +39,46 @@ def _shape(vi) -> list[int] | None:
 
 def layers(onnx_path: str | Path, batch: int = 1) -> list[Layer]:
     """The layers of an FP32 ONNX model with their MACs, weight and activation element counts at this batch size."""
+    model = _with_inferred_shapes(onnx_path, batch)
+    shapes = {vi.name: _shape(vi) for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    return [_layer(n, shapes, inits) for n in model.graph.node]
+
+
+def _with_inferred_shapes(onnx_path: str | Path, batch: int):
+    """The model with its batch axis fixed to batch and every shape inferred."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    # fix the batch axis, then infer every shape
     for vi in list(model.graph.input) + list(model.graph.output):
         dims = vi.type.tensor_type.shape.dim
         if dims and not dims[0].HasField("dim_value"):
             dims[0].dim_value = batch
-    model = onnx.shape_inference.infer_shapes(model)
-    shapes = {vi.name: _shape(vi) for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
-    inits = {t.name: list(t.dims) for t in model.graph.initializer}
-    out = []
-    for n in model.graph.node:
-        ins = [shapes.get(i) or inits.get(i) for i in n.input if i]
-        outs = [shapes.get(o) for o in n.output if o]
-        act = sum(math.prod(s) for s, i in zip(ins, [i for i in n.input if i]) if s and i not in inits) + sum(math.prod(s) for s in outs if s)
-        w = sum(math.prod(inits[i]) for i in n.input if i in inits)
-        macs = 0
-        if n.op_type in ("Conv", "ConvTranspose") and len(ins) > 1 and ins[1] and outs and outs[0]:
-            wshape, oshape = ins[1], outs[0]
-            if n.op_type == "Conv":  # every output element: (C_in / groups) × kernel MACs
-                macs = math.prod(oshape) * math.prod(wshape[1:])
-            else:  # every input element scatters into (C_out / groups) × kernel outputs
-                macs = math.prod(ins[0]) * math.prod(wshape[1:]) if ins[0] else 0
-        elif n.op_type in ("Gemm", "MatMul") and len(ins) > 1 and ins[0] and ins[1] and outs and outs[0]:
-            a = ins[0]
-            trans_a = any(at.name == "transA" and at.i for at in n.attribute)
-            k = a[-2] if trans_a else a[-1]
-            macs = math.prod(outs[0]) * k
-        out.append(Layer(n.name or n.op_type, n.op_type, int(macs), int(w), int(act)))
-    return out
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _layer(n, shapes: dict, inits: dict) -> Layer:
+    """One node as a Layer: its MACs, weight elements (initializer inputs) and activation elements (other inputs and outputs)."""
+    named = [i for i in n.input if i]
+    ins = [shapes.get(i) or inits.get(i) for i in named]
+    outs = [shapes.get(o) for o in n.output if o]
+    act = sum(math.prod(s) for s, i in zip(ins, named) if s and i not in inits) + sum(math.prod(s) for s in outs if s)
+    w = sum(math.prod(inits[i]) for i in n.input if i in inits)
+    return Layer(n.name or n.op_type, n.op_type, int(_macs(n, ins, outs)), int(w), int(act))
+
+
+def _macs(n, ins: list, outs: list) -> int:
+    """Multiply-accumulates of a Conv/ConvTranspose/Gemm/MatMul node with known shapes; 0 for other nodes or unknown shapes."""
+    if len(ins) < 2 or not ins[1] or not outs or not outs[0]:
+        return 0
+    if n.op_type == "Conv":  # every output element: (C_in / groups) × kernel MACs
+        return math.prod(outs[0]) * math.prod(ins[1][1:])
+    if n.op_type == "ConvTranspose":  # every input element scatters into (C_out / groups) × kernel outputs
+        return math.prod(ins[0]) * math.prod(ins[1][1:]) if ins[0] else 0
+    if n.op_type in ("Gemm", "MatMul") and ins[0]:
+        trans_a = any(at.name == "transA" and at.i for at in n.attribute)
+        return math.prod(outs[0]) * (ins[0][-2] if trans_a else ins[0][-1])
+    return 0
 
 
 def estimate(onnx_path: str | Path, hardware: dict, precision: str = "int8", batch: int = 1,

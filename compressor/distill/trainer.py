@@ -187,27 +187,31 @@ def train_student(module, x: np.ndarray, y: np.ndarray, teacher_logits: np.ndarr
 
 def _train(module, x, y, teacher_logits, x_val, y_val, cfg: DistillConfig, *, steps: int, checkpoint: Path, label: str,
            resume: bool, loss_name: str | None, online_teacher, hint, on_eval=None):
-    import torch
+    trainer = _Trainer(module, x, y, teacher_logits, x_val, y_val, cfg, steps=steps, checkpoint=checkpoint, label=label,
+                       loss_name=loss_name, online_teacher=online_teacher, hint=hint, on_eval=on_eval)
+    if resume and checkpoint.exists():
+        trainer.resume()
+    trainer.ck_step = trainer.step if resume and checkpoint.exists() else None
+    return trainer.run()
 
+
+def _augmentation(cfg: DistillConfig, x, teacher_logits, online_teacher, label: str) -> tuple[str, bool]:
+    """(the augmentation preset, whether batches are mixed (mixup/cutmix)); refused where the teacher's targets are cached."""
     from . import augment as aug
 
-    device = pick_device(cfg.device)
-    rank, world, device = _init_distributed(device)
-    loss_fn = get_loss(loss_name or cfg.loss)
     integer_input = not np.issubdtype(x.dtype, np.floating)
     preset = aug.resolve(cfg.augment, x.shape[1:], integer_input)
     mixing = (cfg.mixup > 0 or cfg.cutmix > 0) and not integer_input
     if (preset != "none" or mixing) and teacher_logits is not None and online_teacher is None:
         raise CompressError(f"{label}: augmentation needs the teacher online, not cached outputs", kind="runtime")
-    module = module.to(device)
-    if hint is not None:
-        hint = hint.to(device)
-    xt = torch.from_numpy(x).to(device)
-    yt = torch.from_numpy(y).to(device)
-    tt = torch.from_numpy(teacher_logits).to(device) if teacher_logits is not None else None
-    xv, yv = torch.from_numpy(x_val).to(device), torch.from_numpy(y_val).to(device)
+    return preset, mixing
 
-    raw = module  # the plain module: what is evaluated and saved
+
+def _distributed(module, hint, device: str, world: int):
+    """(the module to train, possibly DDP-wrapped; the plain module, what is evaluated and saved; the parameters to optimise)."""
+    import torch
+
+    raw = module
     params = list(module.parameters()) + (list(hint.parameters()) if hint is not None else [])
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -218,134 +222,234 @@ def _train(module, x, y, teacher_logits, x_val, y_val, cfg: DistillConfig, *, st
         module = DistributedDataParallel(module, device_ids=[device] if device.startswith("cuda") else None)
         if hint is not None:
             hint.ddp(device)
-    fwd = torch.compile(module) if cfg.compile and device.startswith("cuda") else module
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return module, raw, params
+
+
+def _schedule(opt, cfg: DistillConfig, steps: int):
+    """Linear warm-up over cfg.warmup_fraction of the steps, then cosine decay to zero."""
+    import torch
+
     warm = max(1, int(cfg.warmup_fraction * steps))
 
-    def lr_at(s):  # linear warm-up, then cosine decay to zero
+    def lr_at(s):
         return (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    on_gpu = device.startswith("cuda")
-    use_amp = cfg.amp and on_gpu
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+def _mixed_precision(cfg: DistillConfig, on_gpu: bool) -> tuple[bool, object]:
+    """(whether to train in mixed precision, its torch dtype)."""
+    import torch
+
     if cfg.amp_dtype not in ("bf16", "fp16"):
         raise CompressError(f"unknown mixed-precision type '{cfg.amp_dtype}'", hint="use bf16 or fp16")
-    amp_dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
-    if online_teacher is not None and use_amp:
-        online_teacher.amp_dtype = amp_dtype
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    eval_every = max(1, steps // max(1, cfg.evals))
+    return cfg.amp and on_gpu, torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
 
-    step, best_acc, best_step, history, resumed_from = 0, -1.0, 0, [], 0
-    best_state = {k: v.detach().clone() for k, v in raw.state_dict().items()}
-    if resume and checkpoint.exists():
+
+class _Trainer:
+    """One training run of train_student: the module (DDP-wrapped under torchrun), its optimiser, schedule and gradient
+    scaler, the data on the device, and the progress made (step, best accuracy and weights, history) that checkpoints keep."""
+
+    def __init__(self, module, x, y, teacher_logits, x_val, y_val, cfg: DistillConfig, *, steps: int, checkpoint: Path, label: str,
+                 loss_name: str | None, online_teacher, hint, on_eval):
+        import torch
+
+        self.cfg, self.steps, self.checkpoint, self.label, self.on_eval = cfg, steps, checkpoint, label, on_eval
+        self.rank, self.world, self.device = _init_distributed(pick_device(cfg.device))
+        device = self.device
+        self.loss_fn = get_loss(loss_name or cfg.loss)
+        self.preset, self.mixing = _augmentation(cfg, x, teacher_logits, online_teacher, label)
+        module = module.to(device)
+        self.hint = hint.to(device) if hint is not None else None
+        self.rows = len(x)
+        self.xt, self.yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        self.tt = torch.from_numpy(teacher_logits).to(device) if teacher_logits is not None else None
+        self.xv, self.yv = torch.from_numpy(x_val).to(device), torch.from_numpy(y_val).to(device)
+
+        self.module, self.raw, self.params = _distributed(module, self.hint, device, self.world)
+        self.fwd = torch.compile(self.module) if cfg.compile and device.startswith("cuda") else self.module
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = _schedule(self.opt, cfg, steps)
+        self.on_gpu = device.startswith("cuda")
+        self.use_amp, self.amp_dtype = _mixed_precision(cfg, self.on_gpu)
+        self.online_teacher = online_teacher
+        if online_teacher is not None and self.use_amp:
+            online_teacher.amp_dtype = self.amp_dtype
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.eval_every = max(1, steps // max(1, cfg.evals))
+
+        self.step, self.best_acc, self.best_step, self.history, self.resumed_from = 0, -1.0, 0, [], 0
+        self.best_state = self._snapshot()
+        self.ck_step = None  # the step of the last checkpoint written (or resumed from)
+
+    def _snapshot(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.raw.state_dict().items()}
+
+    # --- checkpoints ---------------------------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Continue from the checkpoint: weights, optimiser, schedule, scaler, progress and random streams."""
+        import torch
+
         try:
-            ck = torch.load(checkpoint, map_location=device, weights_only=True)
-            raw.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            scaler.load_state_dict(ck["scaler"])
-            if hint is not None:
-                hint.load_state_dict(ck["hint"])
-            step, best_acc, best_step, history = ck["step"], ck["best_acc"], ck["best_step"], ck["history"]
-            best_state = ck["best_model"]
-            if ck.get("rng") is not None:  # dropout and other random layers continue their stream
-                torch.set_rng_state(ck["rng"]["cpu"])
-                if ck["rng"].get("cuda") is not None and torch.cuda.is_available():
-                    torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-            resumed_from = step
+            ck = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
+            self._load(ck)
         except Exception as exc:
-            raise CompressError(f"checkpoint {checkpoint} cannot be resumed: {str(exc).splitlines()[0][:200]}", hint="rerun with --force to start over") from None
-        if ck.get("total_steps") != steps:
-            raise CompressError(f"checkpoint {checkpoint} was made for {ck.get('total_steps')} steps, not {steps}", hint="rerun with the same settings, or --force to start over")
+            raise CompressError(f"checkpoint {self.checkpoint} cannot be resumed: {str(exc).splitlines()[0][:200]}",
+                                hint="rerun with --force to start over") from None
+        if ck.get("total_steps") != self.steps:
+            raise CompressError(f"checkpoint {self.checkpoint} was made for {ck.get('total_steps')} steps, not {self.steps}",
+                                hint="rerun with the same settings, or --force to start over")
 
-    ck_step = step if resume and checkpoint.exists() else None
+    def _load(self, ck: dict) -> None:
+        import torch
 
-    def save_checkpoint():
-        nonlocal ck_step
-        ck_step = step
-        torch_save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict(), "step": step, "total_steps": steps, "best_acc": best_acc,
-                    "best_step": best_step, "best_model": best_state, "history": history,
-                    "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if on_gpu else None},
-                    "hint": hint.state_dict() if hint is not None else None}, checkpoint)
+        self.raw.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.scaler.load_state_dict(ck["scaler"])
+        if self.hint is not None:
+            self.hint.load_state_dict(ck["hint"])
+        self.step, self.best_acc, self.best_step, self.history = ck["step"], ck["best_acc"], ck["best_step"], ck["history"]
+        self.best_state = ck["best_model"]
+        if ck.get("rng") is not None:  # dropout and other random layers continue their stream
+            torch.set_rng_state(ck["rng"]["cpu"])
+            if ck["rng"].get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        self.resumed_from = self.step
 
-    def stop_everywhere(requested: bool) -> bool:
-        if world == 1:
+    def save_checkpoint(self) -> None:
+        import torch
+
+        self.ck_step = self.step
+        torch_save({"model": self.raw.state_dict(), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                    "scaler": self.scaler.state_dict(), "step": self.step, "total_steps": self.steps, "best_acc": self.best_acc,
+                    "best_step": self.best_step, "best_model": self.best_state, "history": self.history,
+                    "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if self.on_gpu else None},
+                    "hint": self.hint.state_dict() if self.hint is not None else None}, self.checkpoint)
+
+    # --- the loop ------------------------------------------------------------------------------------------------------
+    def run(self):
+        """Train from the current step to the last; returns (the best-on-validation module on the CPU, TrainResult)."""
+        self.module.train()
+        progress = _Progress(self.label, self.steps, self.step) if self.rank == 0 else None
+        t0 = time.perf_counter()
+        stop = _DeferredStop()  # Ctrl-C / SIGTERM take effect between steps, so the saved state is never half-updated
+        try:
+            while self.step < self.steps:
+                loss_value = self._train_step()
+                self.step += 1
+                self._after_step(loss_value, progress)
+                if self._stop_everywhere(stop.requested):
+                    self.save_checkpoint()
+                    raise KeyboardInterrupt
+        finally:
+            stop.restore()
+            if progress:
+                progress.close()
+        self.raw.load_state_dict(self.best_state)
+        self.raw.eval()
+        return self.raw.cpu(), TrainResult(self.best_acc, self.best_step, self.steps, time.perf_counter() - t0, self.history, self.resumed_from)
+
+    def _train_step(self) -> float:
+        """One optimiser step on this step's batch; returns the loss."""
+        gidx, xb, yb, tb = self._batch()
+        loss = self._loss(xb, yb, tb, len(gidx))
+        loss_value = float(loss.detach())
+        self._check_finite(loss_value)
+        self._update(loss)
+        return loss_value
+
+    def _batch(self):
+        """(the global batch's row indices, this rank's inputs, labels and teacher targets) for the current step."""
+        import torch
+
+        cfg = self.cfg
+        gidx = _batch_indices(self.step, self.rows, cfg.batch_size, cfg.seed)
+        idx = torch.from_numpy(gidx).to(self.device)
+        xb, yb = self.xt[idx], self.yt[idx]
+        if self.preset != "none" or self.mixing:
+            xb, yb = self._augment(xb, yb)
+        share = slice(self.rank, None, self.world)  # this rank's rows of the global batch
+        xb, yb = xb[share], yb[share]
+        if self.online_teacher is not None:
+            tb = self.online_teacher(xb)
+        else:
+            tb = self.tt[idx][share] if self.tt is not None else None
+        return gidx, xb, yb, tb
+
+    def _augment(self, xb, yb):
+        """The global batch augmented and mixed: the same seeded view on every rank and after a resume."""
+        import torch
+
+        from . import augment as aug
+
+        cfg, step = self.cfg, self.step
+        gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, 7, step]).integers(2**62)))
+        xb = aug.augment(xb, self.preset, gen)
+        xb, mixed = aug.mix(xb, cfg.mixup, cfg.cutmix, np.random.default_rng([cfg.seed, 11, step])) if self.mixing else (xb, False)
+        if mixed:
+            yb = torch.full_like(yb, -1)  # a blend has no label of its own: the teacher's answer is the target
+        return xb, yb
+
+    def _loss(self, xb, yb, tb, global_rows: int):
+        import torch
+
+        with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.use_amp):
+            out = self.fwd(xb)
+            loss = self.loss_fn(out.float(), tb, yb, self.cfg)
+            if self.hint is not None:
+                loss = loss + self.cfg.hint_weight * self.hint.loss()
+        if self.world > 1:  # DDP averages gradients over ranks: weight by share size so it equals the global mean
+            loss = loss * (len(yb) * self.world / global_rows)
+        return loss
+
+    def _check_finite(self, loss_value: float) -> None:
+        if math.isfinite(loss_value):
+            return
+        kept = (f"the last good checkpoint (step {self.ck_step}) is kept at {self.checkpoint}"
+                if self.ck_step is not None and self.checkpoint.exists() else "no checkpoint had been written yet")
+        raise CompressError(
+            f"{self.label}: the loss became {loss_value} at step {self.step}; training stopped and {kept}",
+            hint="lower --lr, or check the data for extreme values (scale it to about unit range)", kind="runtime")
+
+    def _update(self, loss) -> None:
+        import torch
+
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.clip_grad_norm:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad_norm)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+
+    def _after_step(self, loss_value: float, progress) -> None:
+        if self.step % self.eval_every == 0 or self.step == self.steps:
+            self._evaluate(loss_value, progress)
+        elif self.step % 20 == 0 and progress:
+            progress.update(self.step, loss_value)
+
+    def _evaluate(self, loss_value: float, progress) -> None:
+        """Validation accuracy; the best weights kept (ties go to the later, longer-trained ones); a checkpoint written."""
+        acc = _accuracy(self.raw, self.xv, self.yv, self.device)
+        self.module.train()
+        self.history.append({"step": self.step, "loss": loss_value, "val_accuracy": acc})
+        if acc >= self.best_acc:
+            self.best_acc, self.best_step = acc, self.step
+            self.best_state = self._snapshot()
+        self.save_checkpoint()
+        if progress:
+            progress.update(self.step, loss_value, acc)
+        if self.on_eval is not None:  # e.g. the search's pruner; it may raise to stop this run
+            self.on_eval(self.step, acc)
+
+    def _stop_everywhere(self, requested: bool) -> bool:
+        if self.world == 1:
             return requested
+        import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([int(requested)], device=device)
+        flag = torch.tensor([int(requested)], device=self.device)
         dist.all_reduce(flag)  # every rank stops at the same step, or the others would wait forever
         return bool(flag.item())
-
-    module.train()
-    progress = _Progress(label, steps, step) if rank == 0 else None
-    t0 = time.perf_counter()
-    loss_value = float("nan")
-    stop = _DeferredStop()  # Ctrl-C / SIGTERM take effect between steps, so the saved state is never half-updated
-    try:
-        while step < steps:
-            gidx = _batch_indices(step, len(x), cfg.batch_size, cfg.seed)
-            idx = torch.from_numpy(gidx).to(device)
-            xb, yb = xt[idx], yt[idx]
-            if preset != "none" or mixing:
-                # the same seeded view on every rank and after a resume: the global batch is transformed whole
-                gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, 7, step]).integers(2**62)))
-                xb = aug.augment(xb, preset, gen)
-                xb, mixed = aug.mix(xb, cfg.mixup, cfg.cutmix, np.random.default_rng([cfg.seed, 11, step])) if mixing else (xb, False)
-                if mixed:
-                    yb = torch.full_like(yb, -1)  # a blend has no label of its own: the teacher's answer is the target
-            share = slice(rank, None, world)  # this rank's rows of the global batch
-            xb, yb = xb[share], yb[share]
-            if online_teacher is not None:
-                tb = online_teacher(xb)
-            else:
-                tb = tt[idx][share] if tt is not None else None
-            with torch.autocast("cuda", dtype=amp_dtype, enabled=use_amp):
-                out = fwd(xb)
-                loss = loss_fn(out.float(), tb, yb, cfg)
-                if hint is not None:
-                    loss = loss + cfg.hint_weight * hint.loss()
-            if world > 1:  # DDP averages gradients over ranks: weight by share size so it equals the global mean
-                loss = loss * (len(yb) * world / len(gidx))
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                kept = (f"the last good checkpoint (step {ck_step}) is kept at {checkpoint}" if ck_step is not None and checkpoint.exists()
-                        else "no checkpoint had been written yet")
-                raise CompressError(
-                    f"{label}: the loss became {loss_value} at step {step}; training stopped and {kept}",
-                    hint="lower --lr, or check the data for extreme values (scale it to about unit range)", kind="runtime")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad_norm:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            step += 1
-            if step % eval_every == 0 or step == steps:
-                acc = _accuracy(raw, xv, yv, device)
-                module.train()
-                history.append({"step": step, "loss": loss_value, "val_accuracy": acc})
-                if acc >= best_acc:  # ties go to the later, longer-trained weights
-                    best_acc, best_step = acc, step
-                    best_state = {k: v.detach().clone() for k, v in raw.state_dict().items()}
-                save_checkpoint()
-                if progress:
-                    progress.update(step, loss_value, acc)
-                if on_eval is not None:  # e.g. the search's pruner; it may raise to stop this run
-                    on_eval(step, acc)
-            elif step % 20 == 0 and progress:
-                progress.update(step, loss_value)
-            if stop_everywhere(stop.requested):
-                save_checkpoint()
-                raise KeyboardInterrupt
-    finally:
-        stop.restore()
-        if progress:
-            progress.close()
-    raw.load_state_dict(best_state)
-    raw.eval()
-    return raw.cpu(), TrainResult(best_acc, best_step, steps, time.perf_counter() - t0, history, resumed_from)

@@ -5,55 +5,15 @@ import contextlib
 import logging
 import tempfile
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .._io import atomic_path
 from ..errors import CompressError, did_you_mean
+# the recipes live in .recipes; re-exported here, where callers have always imported them from
+from .recipes import AUTO_CANDIDATES, Recipe, get_recipe, list_recipes, register_recipe  # noqa: F401
 
-
-@dataclass(frozen=True)
-class Recipe:
-    """One quantization flavour: static INT8 Q/DQ (calibrated), dynamic INT8 (weights ahead of time, activations at
-    run time) or FP16; activation/weight types and ORT extra options for the INT8 kinds."""
-
-    name: str
-    description: str
-    kind: str = "static"  # static | dynamic | fp16
-    activation: str = "s8"  # "s8" | "u8" (static only)
-    weight: str = "s8"
-    extra: dict = field(default_factory=dict)
-    reduce_range: bool = False
-    float_stem: bool = False  # keep convolutions that read ≤ STEM_CHANNELS input channels in float
-
-    @property
-    def precision(self) -> str:
-        return "fp16" if self.kind == "fp16" else "int8"
-
-
-_RECIPES = {
-    r.name: r
-    for r in (
-        Recipe("tensorrt", "TensorRT explicit Q/DQ: symmetric s8 activations and per-channel s8 weights, zero point 0, float biases",
-               activation="s8", extra={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}),
-        Recipe("cpu-u8s8", "ONNX Runtime CPU: asymmetric u8 activations, symmetric s8 weights (fast with VNNI)", activation="u8"),
-        Recipe("cpu-u8s8-float-stem", "cpu-u8s8 with the stem convolution (≤4 input channels, e.g. the image itself) kept in float: "
-               "too few channels for the INT8 GEMM, and one Q/DQ boundary fewer", activation="u8", float_stem=True),
-        Recipe("cpu-s8s8", "ONNX Runtime CPU: symmetric s8 activations and weights", activation="s8",
-               extra={"ActivationSymmetric": True, "WeightSymmetric": True}),
-        Recipe("cpu-u8s8-reduced", "u8 activations with 7-bit weights, for CPUs without VNNI (avoids u8×s8 saturation)", activation="u8",
-               reduce_range=True),
-        Recipe("cpu-dynamic", "ONNX Runtime dynamic INT8: s8 weights quantized ahead of time, activations at run time, no calibration "
-               "(for models dominated by MatMul/Gemm)", kind="dynamic"),
-        Recipe("cpu-dynamic-reduced", "cpu-dynamic with 7-bit weights, for CPUs without VNNI (avoids u8×s8 saturation)", kind="dynamic",
-               reduce_range=True),
-        Recipe("fp16", "FP16 weights and activations (graph inputs and outputs kept FP32 unless asked otherwise)", kind="fp16"),
-    )
-}
-# "auto" recipes: every candidate is built, measured on this CPU, and the fastest within the accuracy tolerance wins.
-AUTO_CANDIDATES = {"cpu-auto": ("cpu-u8s8", "cpu-u8s8-float-stem", "cpu-s8s8", "cpu-u8s8-reduced", "cpu-dynamic", "cpu-dynamic-reduced")}
 STEM_CHANNELS = 4
 
 
@@ -67,17 +27,6 @@ def stem_convs(model) -> list[str]:
         if n.op_type == "Conv" and group == 1 and len(n.input) > 1 and n.input[1] in inits and inits[n.input[1]].dims[1] <= STEM_CHANNELS:
             out.append(n.name)
     return out
-
-
-def list_recipes(precision: str | None = None) -> list[str]:
-    names = sorted(n for n, r in _RECIPES.items() if precision in (None, r.precision))
-    return names + (sorted(AUTO_CANDIDATES) if precision in (None, "int8") else [])
-
-
-def get_recipe(name: str) -> Recipe:
-    if name not in _RECIPES:
-        raise CompressError(f"unknown quantization recipe '{name}'.{did_you_mean(name, list_recipes())}", hint=f"choose one of {', '.join(list_recipes())}")
-    return _RECIPES[name]
 
 
 def auto_candidates(name: str, fp32: Path, vnni: bool) -> list[str]:
@@ -368,6 +317,9 @@ def quantize_with(recipe: Recipe, fp32: Path, fp32_pre: Path, out: Path, calib: 
     return info
 
 
+_TRT_WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
 def check_tensorrt_qdq(path_or_model, float_nodes=()) -> list[str]:
     """Walk a Q/DQ graph node by node against what TensorRT's explicit quantization takes: every Quantize/DequantizeLinear
     has a zero point that is int8 and 0 (symmetric, signed activations and weights); every Conv/ConvTranspose/Gemm/MatMul
@@ -375,56 +327,89 @@ def check_tensorrt_qdq(path_or_model, float_nodes=()) -> list[str]:
     biases stay float initializers; no int32 (quantized) bias anywhere. Nodes named in float_nodes were kept in float on
     purpose and are not checked. Returns the violations (empty: the graph is fine)."""
     import onnx
-    from onnx import numpy_helper
 
     model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model), load_external_data=False)
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     producers = {o: n for n in g.node for o in n.output}
-    bad = []
     qdq = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     if not qdq:  # nothing quantized: a violation, unless nodes were kept in float on purpose (the search's last resort)
         return [] if float_nodes else ["the graph has no QuantizeLinear/DequantizeLinear nodes"]
-    for n in qdq:
-        if len(n.input) < 3 or n.input[2] not in inits:
-            bad.append(f"{n.op_type} {n.name}: no constant zero point")
-            continue
-        zp = inits[n.input[2]]
-        if zp.data_type != onnx.TensorProto.INT8:
-            bad.append(f"{n.op_type} {n.name}: zero point is {onnx.TensorProto.DataType.Name(zp.data_type)}, not INT8")
-        elif numpy_helper.to_array(zp).any():
-            bad.append(f"{n.op_type} {n.name}: zero point is not 0 (asymmetric)")
+    bad = [p for p in (_zero_point_problem(n, inits) for n in qdq) if p]
     for n in g.node:
-        if n.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(n.input) < 2 or n.name in float_nodes:
-            continue
-        dq = producers.get(n.input[1])
-        q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        float_weight = q is not None and q.op_type == "QuantizeLinear" and q.input[0] in inits  # float -> Q -> DQ, quantized at build time
-        if dq is None or dq.op_type != "DequantizeLinear" or (dq.input[0] not in inits and not float_weight):
-            if n.input[1] in inits or (dq is not None and dq.op_type != "DequantizeLinear"):
-                bad.append(f"{n.op_type} {n.name}: weight {n.input[1]} is not quantized")
-            continue  # an activation × activation MatMul: both inputs come through Q/DQ pairs, checked above
-        w = inits[q.input[0]] if float_weight else inits[dq.input[0]]
-        if not float_weight and w.data_type != onnx.TensorProto.INT8:
-            bad.append(f"{n.op_type} {n.name}: weight is {onnx.TensorProto.DataType.Name(w.data_type)}, not INT8")
-        scale = numpy_helper.to_array(inits[dq.input[1]]) if dq.input[1] in inits else None
-        attrs = {a.name: a for a in n.attribute}
-        if n.op_type == "Conv" or (n.op_type == "Gemm" and "transB" in attrs and attrs["transB"].i == 1):
-            out_axis = 0
-        elif n.op_type == "ConvTranspose":
-            out_axis = 1
-        else:  # MatMul, Gemm without transB: weight is (in, out)
-            out_axis = len(w.dims) - 1
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-        axis = axis + len(w.dims) if axis < 0 else axis
-        if scale is None or scale.ndim != 1 or axis != out_axis or len(scale) != w.dims[out_axis]:
-            bad.append(f"{n.op_type} {n.name}: weight scales are not per output channel (axis {axis}, {None if scale is None else scale.shape})")
-        if n.op_type in ("Conv", "ConvTranspose", "Gemm") and len(n.input) > 2 and n.input[2]:
-            b = n.input[2]
-            if b not in inits or inits[b].data_type != onnx.TensorProto.FLOAT:
-                bad.append(f"{n.op_type} {n.name}: bias {b} is not a float initializer")
+        if n.op_type in _TRT_WEIGHTED_OPS and len(n.input) >= 2 and n.name not in float_nodes:
+            bad += _weight_problems(n, producers, inits)
     bad += [f"initializer {t.name}: INT32 (a quantized bias)" for t in g.initializer if t.data_type == onnx.TensorProto.INT32]
     return bad
+
+
+def _zero_point_problem(n, inits) -> str | None:
+    """What is wrong with a Quantize/DequantizeLinear's zero point for TensorRT (a constant int8 0), or None."""
+    import onnx
+    from onnx import numpy_helper
+
+    if len(n.input) < 3 or n.input[2] not in inits:
+        return f"{n.op_type} {n.name}: no constant zero point"
+    zp = inits[n.input[2]]
+    if zp.data_type != onnx.TensorProto.INT8:
+        return f"{n.op_type} {n.name}: zero point is {onnx.TensorProto.DataType.Name(zp.data_type)}, not INT8"
+    if numpy_helper.to_array(zp).any():
+        return f"{n.op_type} {n.name}: zero point is not 0 (asymmetric)"
+    return None
+
+
+def _weight_problems(n, producers, inits) -> list[str]:
+    """What is wrong, for TensorRT, with the weight (and bias) of one Conv/ConvTranspose/Gemm/MatMul node."""
+    import onnx
+
+    dq = producers.get(n.input[1])
+    is_dq = dq is not None and dq.op_type == "DequantizeLinear"
+    q = producers.get(dq.input[0]) if is_dq else None
+    float_weight = q is not None and q.op_type == "QuantizeLinear" and q.input[0] in inits  # float -> Q -> DQ, quantized at build time
+    if not is_dq or (dq.input[0] not in inits and not float_weight):
+        if n.input[1] in inits or (dq is not None and not is_dq):
+            return [f"{n.op_type} {n.name}: weight {n.input[1]} is not quantized"]
+        return []  # an activation × activation MatMul: both inputs come through Q/DQ pairs, checked with the zero points
+    w = inits[q.input[0]] if float_weight else inits[dq.input[0]]
+    bad = []
+    if not float_weight and w.data_type != onnx.TensorProto.INT8:
+        bad.append(f"{n.op_type} {n.name}: weight is {onnx.TensorProto.DataType.Name(w.data_type)}, not INT8")
+    return bad + [p for p in (_per_channel_problem(n, dq, w, inits), _bias_problem(n, inits)) if p]
+
+
+def _output_channel_axis(n, weight_rank: int) -> int:
+    """The axis of a compute node's weight that indexes its output channels."""
+    attrs = {a.name: a for a in n.attribute}
+    if n.op_type == "Conv" or (n.op_type == "Gemm" and "transB" in attrs and attrs["transB"].i == 1):
+        return 0
+    if n.op_type == "ConvTranspose":
+        return 1
+    return weight_rank - 1  # MatMul, Gemm without transB: weight is (in, out)
+
+
+def _per_channel_problem(n, dq, w, inits) -> str | None:
+    """None when the weight's DequantizeLinear has one scale per output channel, along the output-channel axis."""
+    from onnx import numpy_helper
+
+    scale = numpy_helper.to_array(inits[dq.input[1]]) if dq.input[1] in inits else None
+    out_axis = _output_channel_axis(n, len(w.dims))
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    axis = axis + len(w.dims) if axis < 0 else axis
+    if scale is None or scale.ndim != 1 or axis != out_axis or len(scale) != w.dims[out_axis]:
+        return f"{n.op_type} {n.name}: weight scales are not per output channel (axis {axis}, {None if scale is None else scale.shape})"
+    return None
+
+
+def _bias_problem(n, inits) -> str | None:
+    """None unless a Conv/ConvTranspose/Gemm has a bias that is not a float initializer."""
+    import onnx
+
+    if n.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(n.input) <= 2 or not n.input[2]:
+        return None
+    b = n.input[2]
+    if b not in inits or inits[b].data_type != onnx.TensorProto.FLOAT:
+        return f"{n.op_type} {n.name}: bias {b} is not a float initializer"
+    return None
 
 
 def sensitivity(fp32_pre: Path, qpath: Path, rows: np.ndarray, emulate_qdq: bool = False) -> list[dict]:
@@ -435,71 +420,96 @@ def sensitivity(fp32_pre: Path, qpath: Path, rows: np.ndarray, emulate_qdq: bool
     merely carried from upstream adds none. Returns [{"node", "op", "added_error", "error"}], worst first."""
     import onnx
 
-    from .onnx_io import make_session
-
     fmodel = onnx.load(str(fp32_pre), load_external_data=False)
     qmodel = onnx.load(str(qpath), load_external_data=False)
-    ftensors = [o for n in fmodel.graph.node for o in n.output if o] + [i.name for i in fmodel.graph.input]
-    producer = {o: n for n in qmodel.graph.node for o in n.output}
-    consumers = {}
-    for n in qmodel.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-
-    def source(t: str) -> str:
-        """The float tensor a quantized input came from: back through DequantizeLinear <- QuantizeLinear."""
-        dq = producer.get(t)
-        if dq is not None and dq.op_type == "DequantizeLinear":
-            q = producer.get(dq.input[0])
-            return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else ""  # a weight: no float tensor
-        return t
-
-    def landing(t: str) -> str:
-        """Where a node's output can be compared: itself, or the DequantizeLinear after its QuantizeLinear."""
-        if t in fset:
-            return t
-        for q in consumers.get(t, []):
-            if q.op_type == "QuantizeLinear":
-                for dq in consumers.get(q.output[0], []):
-                    if dq.op_type == "DequantizeLinear" and dq.output[0] in fset:
-                        return dq.output[0]
-        return ""
-
-    fset = set(ftensors)
-    nodes = []
-    for n in qmodel.graph.node:
-        if n.op_type not in _COMPUTE_OPS and n.op_type not in _INTEGER_OPS:
-            continue
-        out = landing(n.output[0])
-        ins = [source(i) for i in n.input if i]
-        if out:
-            nodes.append((n, out, [i for i in ins if i in fset]))
+    ftensors = {o for n in fmodel.graph.node for o in n.output if o} | {i.name for i in fmodel.graph.input}
+    nodes = _QDQGraph(qmodel, ftensors).compute_nodes()
     wanted = sorted({out for _, out, _ in nodes} | {i for _, _, ins in nodes for i in ins})
-    vals = {}
-    for model, key in ((fmodel, "f"), (qmodel, "q")):
-        have = {o.name for o in model.graph.output}
-        model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in wanted if t not in have and t not in {i.name for i in model.graph.input})
-        with tempfile.TemporaryDirectory() as d:
-            p = Path(d) / "m.onnx"
-            onnx.save(model, str(p))
-            sess = make_session(p, threads=None, emulate_qdq=emulate_qdq and key == "q")
-            names = [o.name for o in sess.get_outputs()]
-            feed = sess.get_inputs()[0].name
-            vals[key] = dict(zip(names, sess.run(names, {feed: rows})))
-            vals[key].setdefault(feed, rows)
-    fop = {o: n.op_type for n in fmodel.graph.node for o in n.output}
-    err = {}
-    for t in wanted:
-        if t in vals["f"] and t in vals["q"]:
-            f, q = np.asarray(vals["f"][t], np.float64), np.asarray(vals["q"][t], np.float64)
-            if fop.get(t) == "Relu" and producer.get(t) is not None and producer[t].op_type != "Relu":
-                q = np.maximum(q, 0.0)  # the quantizer folded the Relu into the Q/DQ after it: the tensor is pre-Relu here
-            if f.shape == q.shape and f.size:
-                err[t] = float(np.linalg.norm(f - q) / (np.linalg.norm(f) + 1e-12))
+    fvals = _tensor_values(fmodel, wanted, rows, emulate_qdq=False)
+    qvals = _tensor_values(qmodel, wanted, rows, emulate_qdq=emulate_qdq)
+    err = _relative_errors(wanted, fvals, qvals, fmodel, qmodel)
     ranked = [{"node": n.name, "op": _INTEGER_OPS.get(n.op_type, n.op_type), "error": err[out],
                "added_error": err[out] - max([err.get(i, 0.0) for i in ins] or [0.0])}
               for n, out, ins in nodes if out in err]
     return sorted(ranked, key=lambda r: -r["added_error"])
+
+
+class _QDQGraph:
+    """A quantized graph seen from the float one it was made from (whose tensor names are ftensors): where each
+    compute node's inputs came from and where its output can be compared."""
+
+    def __init__(self, qmodel, ftensors: set[str]):
+        self.qmodel, self.fset = qmodel, ftensors
+        self.producer = {o: n for n in qmodel.graph.node for o in n.output}
+        self.consumers = {}
+        for n in qmodel.graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+
+    def source(self, t: str) -> str:
+        """The float tensor a quantized input came from: back through DequantizeLinear <- QuantizeLinear."""
+        dq = self.producer.get(t)
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            q = self.producer.get(dq.input[0])
+            return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else ""  # a weight: no float tensor
+        return t
+
+    def landing(self, t: str) -> str:
+        """Where a node's output can be compared: itself, or the DequantizeLinear after its QuantizeLinear."""
+        if t in self.fset:
+            return t
+        for q in self.consumers.get(t, []):
+            if q.op_type == "QuantizeLinear":
+                for dq in self.consumers.get(q.output[0], []):
+                    if dq.op_type == "DequantizeLinear" and dq.output[0] in self.fset:
+                        return dq.output[0]
+        return ""
+
+    def compute_nodes(self) -> list[tuple]:
+        """(node, its comparable output, the float tensors its inputs came from) for each compute node with an output to compare."""
+        nodes = []
+        for n in self.qmodel.graph.node:
+            if n.op_type not in _COMPUTE_OPS and n.op_type not in _INTEGER_OPS:
+                continue
+            out = self.landing(n.output[0])
+            ins = [self.source(i) for i in n.input if i]
+            if out:
+                nodes.append((n, out, [i for i in ins if i in self.fset]))
+        return nodes
+
+
+def _tensor_values(model, wanted: list[str], rows: np.ndarray, emulate_qdq: bool) -> dict:
+    """{tensor: value} of the wanted tensors (and the input) of model on rows; the model gains them as graph outputs."""
+    import onnx
+
+    from .onnx_io import make_session
+
+    have = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in wanted if t not in have and t not in {i.name for i in model.graph.input})
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "m.onnx"
+        onnx.save(model, str(p))
+        sess = make_session(p, threads=None, emulate_qdq=emulate_qdq)
+        names = [o.name for o in sess.get_outputs()]
+        feed = sess.get_inputs()[0].name
+        vals = dict(zip(names, sess.run(names, {feed: rows})))
+        vals.setdefault(feed, rows)
+    return vals
+
+
+def _relative_errors(wanted: list[str], fvals: dict, qvals: dict, fmodel, qmodel) -> dict[str, float]:
+    """{tensor: ‖float − quantized‖ / ‖float‖} for the wanted tensors both models gave, of the same shape."""
+    fop = {o: n.op_type for n in fmodel.graph.node for o in n.output}
+    producer = {o: n for n in qmodel.graph.node for o in n.output}
+    err = {}
+    for t in wanted:
+        if t in fvals and t in qvals:
+            f, q = np.asarray(fvals[t], np.float64), np.asarray(qvals[t], np.float64)
+            if fop.get(t) == "Relu" and producer.get(t) is not None and producer[t].op_type != "Relu":
+                q = np.maximum(q, 0.0)  # the quantizer folded the Relu into the Q/DQ after it: the tensor is pre-Relu here
+            if f.shape == q.shape and f.size:
+                err[t] = float(np.linalg.norm(f - q) / (np.linalg.norm(f) + 1e-12))
+    return err
 
 
 def quantized_nodes(path: Path) -> dict[str, str]:
