@@ -64,7 +64,7 @@ def make_images(root: Path, *, size: int = 16, train_copies: int = 3, test_copie
 def read_folder(folder: Path):
     """Images and labels exactly as the tool reads them (PIL 'L', /255, N×1×H×W float32, sorted class names)."""
     from compressor.config import DataConfig
-    from compressor.data._folder import read_images, scan_image_folder
+    from compressor.data.image_folder import read_images, scan_image_folder
 
     classes, items = scan_image_folder(folder)
     with __import__("PIL.Image").Image.open(items[0][0]) as im:

@@ -165,21 +165,11 @@ def _engines(target: dict, fp16_graph: bool = False) -> list[dict]:
     return out
 
 
-def make_bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bool = False, heldout_rows: int = HELDOUT_ROWS,
-                any_target: bool = False) -> dict:
-    """Write the deploy bundle folder and its .tar.gz; returns the bundle's manifest (with 'dir' and 'tarball' added).
-    any_target (compress bench --remote): a target without TensorRT is taken too; its engines are planned for
-    TensorRT DEFAULT_TENSORRT, and its ONNX files run through ONNX Runtime on the remote machine."""
-    from .bench.host import package_version as _version
-    from .bench.report import load_report
-    from .export.onnx_io import make_session, run_session
-    from .export.tensorrt import graph_precision
-    from .runtime import TeacherRunner, infer_batched
-
-    run = Run.open(run_dir)
-    target = run.target
+def _bundle_target(target: dict, any_target: bool) -> tuple[dict, bool]:
+    """The run's target as a TensorRT target (any_target: a target without TensorRT gets engines planned for
+    DEFAULT_TENSORRT, its ONNX files running through ONNX Runtime), and whether it is such an ONNX-only target."""
     onnx_only = any_target and (target["runtime"]["name"] != "tensorrt" or not target["runtime"].get("version"))
-    if onnx_only:  # engines planned for DEFAULT_TENSORRT; the ONNX files themselves are what runs, through ONNX Runtime
+    if onnx_only:
         target = {**target, "runtime": {**target["runtime"], "name": "tensorrt", "version": DEFAULT_TENSORRT}}
     if target["runtime"]["name"] != "tensorrt":
         raise CompressError(f"the run's target '{target['name']}' runs {target['runtime']['name']}, not TensorRT: a deploy bundle is for TensorRT devices",
@@ -189,6 +179,14 @@ def make_bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bo
     if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", str(target["runtime"]["version"])):
         raise CompressError(f"target profile '{target['name']}': runtime.version {str(target['runtime']['version'])!r} is not a TensorRT version",
                             hint="write it as MAJOR.MINOR, e.g. \"10.3\"")
+    return target, onnx_only
+
+
+def _bundle_inputs(run, onnx_only: bool) -> tuple[dict, dict, dict]:
+    """The quantize stage's record, the run's report and its ONNX files by bundle name, each checked to be there."""
+    from .bench.report import load_report
+    from .export.tensorrt import graph_precision
+
     _done(run, "export", "the FP32 ONNX model")
     quant = _done(run, "quantize", "the INT8 Q/DQ model")
     if not run.path("report.json").is_file():
@@ -205,6 +203,21 @@ def make_bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bo
     if not onnx_only and graph_precision(onnx_files["student.int8.onnx"]) != "int8":
         raise CompressError(f"{onnx_files['student.int8.onnx']} has no Q/DQ nodes, so TensorRT cannot build an INT8 engine from it",
                             hint=f"rerun 'compress quantize {shlex.quote(str(run.dir))} --force'")
+    return quant, report, onnx_files
+
+
+def make_bundle(run_dir: str | Path, out: str | Path | None = None, *, force: bool = False, heldout_rows: int = HELDOUT_ROWS,
+                any_target: bool = False) -> dict:
+    """Write the deploy bundle folder and its .tar.gz; returns the bundle's manifest (with 'dir' and 'tarball' added).
+    any_target (compress bench --remote): a target without TensorRT is taken too; its engines are planned for
+    TensorRT DEFAULT_TENSORRT, and its ONNX files run through ONNX Runtime on the remote machine."""
+    from .bench.host import package_version as _version
+    from .export.onnx_io import make_session, run_session
+    from .runtime import TeacherRunner, infer_batched
+
+    run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)
+    target, onnx_only = _bundle_target(run.target, any_target)
+    quant, report, onnx_files = _bundle_inputs(run, onnx_only)
 
     # absolute: '--out .' or '--out ""' must name a real folder (and its tarball a real sibling), not ''
     out = Path(os.path.abspath(out)) if out is not None and str(out) != "" else run.dir / f"bundle-{target['name']}"

@@ -173,21 +173,20 @@ def remote_bench(run_dir: str | Path, host: str, *, remote_python: str = "python
                  ssh_options: list[str] | tuple[str, ...] = (), identity: str | Path | None = None, port: int | None = None,
                  runtime: str = "onnxruntime", keep_remote: bool = False, min_runs: int | None = None,
                  min_duration_s: float | None = None, warmup_ms: float | None = None,
-                 connect_timeout: int = CONNECT_TIMEOUT_S) -> dict:
-    """Bench the run's exported models on `host` over SSH and merge the rows into the run's report; returns the merged
-    report. The run needs its export, quantize and bench stages done (the bundle carries the host accuracies)."""
-    from . import api
+                 connect_timeout: int = CONNECT_TIMEOUT_S) -> Path:
+    """Bench the run's exported models on `host` over SSH; returns the device's report.json, copied into the run for
+    the report stage to merge (api.remote_bench). The run needs its export, quantize and bench stages done (the bundle carries the host accuracies)."""
     from .bundle import make_bundle
     from .run import Run
 
     options = list(ssh_options)
     _check_args(host, port, identity, options, remote_dir, runtime)
-    run = Run.open(run_dir)
+    run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)
     ssh = Ssh(host, int(port) if port else None, Path(identity) if identity else None, options, connect_timeout)
     py = shlex.quote(remote_python)
     with tempfile.TemporaryDirectory(prefix="compress-remote-") as local:
         local = Path(local)
-        info = make_bundle(run.dir, local / f"bundle-{run.target['name']}", any_target=True)
+        info = make_bundle(run, local / f"bundle-{run.target['name']}", any_target=True)
         folder = Path(info["dir"])
         # connect: make the remote folder (mktemp -d), which also proves the login works
         parent = remote_dir or "${TMPDIR:-/tmp}"
@@ -231,4 +230,4 @@ def remote_bench(run_dir: str | Path, host: str, *, remote_python: str = "python
         from .bench.report import REPORT_MAX_BYTES
 
         write_bytes(kept, read_regular_file(back, "the remote's report.json", REPORT_MAX_BYTES))
-    return api.report(run.dir, merge=kept, remote=host)
+    return kept

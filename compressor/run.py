@@ -41,18 +41,93 @@ def default_run_dir() -> Path:
     return path
 
 
+_HASHES: dict = {}  # (path, inode, size, mtime) -> sha256: a file is read once per process, however many stages check it
+
+
+def hash_file(path: str | Path) -> str:
+    """sha256 of a file, remembered for as long as the file's inode, size and modification time stay the same."""
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = sha256_file(path)
+    return _HASHES[key]
+
+
 def _data_fingerprint(source: str) -> str:
     p = Path(source)
     if source == "mnist1d" or not p.exists():
         return sha256_json(source)
     if p.is_file():
-        return sha256_file(p)
+        return hash_file(p)
     files = sorted((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in p.rglob("*") if f.is_file())
     return sha256_json(files)
 
 
 # what later stages read from a finished stage's result: checked when a manifest is read, not met as a KeyError later
 _DONE_RESULT = {"distill": (("student_record", dict), ("num_classes", int), ("params", int)), "quantize": (("recipe", str),)}
+
+
+def _manifest_problem(m) -> str | None:
+    """What makes a parsed manifest unfit for the stages (None when it is fit): its top level, its config, its inputs,
+    then each stage record."""
+    for check in (_top_problem, _config_problem, _inputs_problem):
+        why = check(m)
+        if why:
+            return why
+    for name, st in m["stages"].items():
+        why = _stage_problem(name, st)
+        if why:
+            return why
+    return None
+
+
+def _top_problem(m) -> str | None:
+    if not isinstance(m, dict) or m.get("manifest_version") != 1:
+        return "no manifest_version 1"
+    for key, kind in (("config", dict), ("stages", dict), ("inputs", dict), ("created", str)):
+        if not isinstance(m.get(key), kind):
+            return f"'{key}' is {type(m.get(key)).__name__ if key in m else 'missing'}, not {kind.__name__}"
+    return None
+
+
+def _config_problem(m) -> str | None:
+    missing = [k for k in ("target", "teacher_arch", "data", "distill") if k not in m["config"]]
+    if missing:
+        return f"config lacks {', '.join(missing)}"
+    try:
+        CompressConfig.from_dict(m["config"])
+    except CompressError as exc:
+        return exc.message
+    except RecursionError:
+        return "config nested too deeply"
+    return None
+
+
+def _inputs_problem(m) -> str | None:
+    teacher = m["inputs"].get("teacher")
+    if not (isinstance(teacher, dict) and isinstance(teacher.get("sha256"), str) and isinstance(teacher.get("path"), str)
+            and isinstance(teacher.get("cwd", ""), (str, type(None))) and isinstance(m["inputs"].get("data"), dict)):
+        return "'inputs' lacks the teacher's path and sha256 or the data"
+    return None
+
+
+def _stage_problem(name: str, st) -> str | None:
+    if not isinstance(st, dict):
+        return f"stage '{name}' is {type(st).__name__}, not an object"
+    for key, kind in (("status", str), ("fingerprint", str), ("outputs", dict), ("result", dict)):
+        if key in st and not isinstance(st[key], kind):
+            return f"stage '{name}': '{key}' is {type(st[key]).__name__}, not {kind.__name__}"
+    if not all(isinstance(v, str) for v in st.get("outputs", {}).values()):
+        return f"stage '{name}': 'outputs' must map names to relative paths"
+    for v in st.get("outputs", {}).values():  # a run folder that travelled names files inside itself only
+        if not v or Path(v).is_absolute() or ".." in Path(v).parts or "\0" in v:
+            return f"stage '{name}': output {v!r:.80} is not a path inside the run folder"
+    if st.get("status") == "done":
+        for key, kind in _DONE_RESULT.get(name, ()):
+            got = st.get("result", {}).get(key)
+            if not isinstance(got, kind) or isinstance(got, bool):
+                return f"stage '{name}' is done but its result's '{key}' is {type(got).__name__ if got is not None else 'missing'}"
+    return None
 
 
 class Run:
@@ -72,7 +147,7 @@ class Run:
             if cfg.data.source != "mnist1d":
                 raise CompressError("--data needs --teacher", hint="the built-in demo teacher only fits the built-in 'mnist1d' data")
             cfg.teacher = str(DEMO_TEACHER)
-        from .models._blackbox_teacher import is_query_spec, query_spec_input
+        from .models.query_teacher import is_query_spec, query_spec_input
 
         if is_query_spec(cfg.teacher):  # a callable or a command: a black box that can only be queried
             teacher_input, cfg.teacher = query_spec_input(cfg.teacher)
@@ -80,7 +155,7 @@ class Run:
             teacher = Path(cfg.teacher)
             if not teacher.is_file():
                 raise CompressError(f"teacher {teacher} does not exist" if not teacher.exists() else f"teacher {teacher} is not a file")
-            teacher_input = {"path": str(teacher.resolve()), "sha256": sha256_file(teacher)}
+            teacher_input = {"path": str(teacher.resolve()), "sha256": hash_file(teacher)}
             cfg.teacher = str(teacher.resolve())
         for attr in ("source", "eval_source"):  # absolute: a later stage run from another folder reads the same files
             v = getattr(cfg.data, attr)
@@ -132,40 +207,9 @@ class Run:
             raise refuse("nested too deeply") from None
         except ValueError as exc:  # UnicodeDecodeError is a ValueError too
             raise refuse(f"not JSON ({str(exc)[:100]})") from None
-        if not isinstance(m, dict) or m.get("manifest_version") != 1:
-            raise refuse("no manifest_version 1")
-        for key, kind in (("config", dict), ("stages", dict), ("inputs", dict), ("created", str)):
-            if not isinstance(m.get(key), kind):
-                raise refuse(f"'{key}' is {type(m.get(key)).__name__ if key in m else 'missing'}, not {kind.__name__}")
-        missing = [k for k in ("target", "teacher_arch", "data", "distill") if k not in m["config"]]
-        if missing:
-            raise refuse(f"config lacks {', '.join(missing)}")
-        try:
-            CompressConfig.from_dict(m["config"])
-        except CompressError as exc:
-            raise refuse(exc.message) from None
-        except RecursionError:
-            raise refuse("config nested too deeply") from None
-        teacher = m["inputs"].get("teacher")
-        if not (isinstance(teacher, dict) and isinstance(teacher.get("sha256"), str) and isinstance(teacher.get("path"), str)
-                and isinstance(teacher.get("cwd", ""), (str, type(None))) and isinstance(m["inputs"].get("data"), dict)):
-            raise refuse("'inputs' lacks the teacher's path and sha256 or the data")
-        for name, st in m["stages"].items():
-            if not isinstance(st, dict):
-                raise refuse(f"stage '{name}' is {type(st).__name__}, not an object")
-            for key, kind in (("status", str), ("fingerprint", str), ("outputs", dict), ("result", dict)):
-                if key in st and not isinstance(st[key], kind):
-                    raise refuse(f"stage '{name}': '{key}' is {type(st[key]).__name__}, not {kind.__name__}")
-            if not all(isinstance(v, str) for v in st.get("outputs", {}).values()):
-                raise refuse(f"stage '{name}': 'outputs' must map names to relative paths")
-            for v in st.get("outputs", {}).values():  # a run folder that travelled names files inside itself only
-                if not v or Path(v).is_absolute() or ".." in Path(v).parts or "\0" in v:
-                    raise refuse(f"stage '{name}': output {v!r:.80} is not a path inside the run folder")
-            if st.get("status") == "done":
-                for key, kind in _DONE_RESULT.get(name, ()):
-                    got = st.get("result", {}).get(key)
-                    if not isinstance(got, kind) or isinstance(got, bool):
-                        raise refuse(f"stage '{name}' is done but its result's '{key}' is {type(got).__name__ if got is not None else 'missing'}")
+        why = _manifest_problem(m)
+        if why:
+            raise refuse(why)
         return m
 
     def save(self) -> None:
@@ -193,7 +237,7 @@ class Run:
     # -- what a stage may load: a run folder is data -------------------------------------------------
     # The distill stage got the teacher and the student from its own command line (`live`): it may run their code
     # (a --teacher-arch, a --trust pickle, a black box, a student factory), and it saves what later stages need in
-    # forms that load without running Python code (api._save_code_free): TorchScript copies of the trained modules
+    # forms that load without running Python code (distill/code_free.py): TorchScript copies of the trained modules
     # and of a teacher that came as code, the teacher's held-out answers, the teacher's input shape. A later stage
     # loads those; it runs code the manifest names only when its own command line says --trust (`trust`), and a
     # black-box teacher (a callable or a command) never.
@@ -205,7 +249,7 @@ class Run:
         """The teacher: as the command line named it in the distill stage; in a later stage, only from files that
         load without running code (the file itself when it is TorchScript, torch.export or ONNX, else its copy)."""
         from .models import load_teacher
-        from .models._blackbox_teacher import is_query_spec
+        from .models.query_teacher import is_query_spec
 
         cfg = self.config
         recorded = self.manifest["inputs"]["teacher"]
@@ -228,15 +272,26 @@ class Run:
             return load_teacher(cfg.teacher, cfg.teacher_arch, True)
         return load_teacher(cfg.teacher, files_only=True)
 
+    def end_live(self) -> None:
+        """After the distill stage, in the same process (compress): the later stages read the run as a later command
+        would, from its code-free copies. What distill loaded stays loaded where that is the same thing: the data,
+        and a teacher that is a file loading without code (TorchScript, torch.export, ONNX); a teacher that came as
+        code is reloaded from its TorchScript copy, and a black box is never asked again."""
+        self.live = False
+        teacher = self.__dict__.get("teacher")
+        if teacher is not None and (teacher.format in ("state_dict", "pickle") or hasattr(teacher, "answers")
+                                    or self._code_free("teacher_torchscript", TEACHER_COPY) is not None):
+            del self.__dict__["teacher"]
+
     def _check_teacher_unchanged(self) -> None:
         """The teacher the run was made with is still the same where it still is (hashes files; runs nothing)."""
-        from .models._blackbox_teacher import is_query_spec, query_spec_input
+        from .models.query_teacher import is_query_spec, query_spec_input
 
         cfg, recorded = self.config, self.manifest["inputs"]["teacher"]
         if is_query_spec(cfg.teacher):  # the callable's file, or the command line and its file arguments
             changed = query_spec_input(cfg.teacher, recorded.get("cwd"))[0]["sha256"] != recorded["sha256"]
         else:
-            changed = Path(cfg.teacher).is_file() and sha256_file(cfg.teacher) != recorded["sha256"]
+            changed = Path(cfg.teacher).is_file() and hash_file(cfg.teacher) != recorded["sha256"]
         if changed:
             raise CompressError(f"teacher {cfg.teacher} changed since this run started", hint="rerun the whole pipeline, or use a new --out")
 
@@ -248,7 +303,7 @@ class Run:
             self._check_teacher_unchanged()
             shape = res["teacher_input_shape"]
             return tuple(shape) if isinstance(shape, list) else None
-        from .models._blackbox_teacher import is_query_spec
+        from .models.query_teacher import is_query_spec
 
         if not self.live and is_query_spec(self.config.teacher):  # a run from before the shape was recorded
             return None
@@ -282,7 +337,7 @@ class Run:
                                 hint="rerun distill with --force, or start a fresh run with another --out")
         spec = record["spec"]
         if self.live or spec.startswith("builtin:"):
-            return self._rebuild_trained(name, record, num_classes)
+            return self.rebuild_trained(name, record, num_classes)
         copy = None if eager else self._code_free(f"{name}_torchscript", f"{name}{COPY_SUFFIX}")
         if copy is not None:
             try:
@@ -293,9 +348,9 @@ class Run:
         if not self.trust:
             why = "this step needs it as an eager module, rebuilt from that code" if eager else f"the run has no code-free copy of it ({name}{COPY_SUFFIX})"
             raise CompressError(f"this run's {name} was built by code ({spec[:120]}) and {why}", hint=TRUST_LATER_HINT)
-        return self._rebuild_trained(name, record, num_classes)
+        return self.rebuild_trained(name, record, num_classes)
 
-    def _rebuild_trained(self, name: str, record: dict, num_classes: int):
+    def rebuild_trained(self, name: str, record: dict, num_classes: int):
         """Build the module from its record (running a factory's code) and load its state dict."""
         import torch
 
@@ -312,7 +367,7 @@ class Run:
     def _eager_teacher(self):
         """The teacher rebuilt from what the config names (only with --trust in a later stage; never a black box)."""
         from .models import load_teacher
-        from .models._blackbox_teacher import is_query_spec
+        from .models.query_teacher import is_query_spec
 
         self.teacher  # the hash check, and the refusals a later stage makes
         if is_query_spec(self.config.teacher):
@@ -386,8 +441,11 @@ class Run:
     def remove_stale_temporaries(self) -> list[Path]:
         """Delete half-written files and scratch folders left by a process of ours that was killed (SIGKILL, power
         loss) before it could rename or remove them: only the tool's own temporary names, in the run's own folders."""
+        from .distill.ddp import in_torchrun
         from .ownership import sweep_stale
 
+        if in_torchrun():  # a worker's sweep would delete the temporaries another rank is writing: the launcher swept
+            return []
         return sweep_stale(self.dir)
 
     @contextlib.contextmanager
@@ -412,3 +470,26 @@ class Run:
         st = self.manifest["stages"].setdefault(stage, {})
         st.update(status=status, finished=now(), error=message)
         self.save()
+
+
+# --- what every stage does first ------------------------------------------------------------------------------------------
+def skip_done(run: Run, stage: str, force: bool) -> bool:
+    """True (and says so) when the stage is done with the same inputs and settings and --force is not given."""
+    if not force and run.is_done(stage):
+        from .log import say
+
+        say(f"{stage}: already done in {run.dir} (use --force to redo)")
+        return True
+    return False
+
+
+def open_stage(run: "Run | str | Path", stage: str, config=None, trust: bool = False) -> Run:
+    """The run for one stage, with the stage's (optionally changed) config: a run already open in this process (compress
+    hands its Run from stage to stage, so the teacher and the data load once) or a run folder, opened here.
+    trust: the stage may run code the run folder names when it has no code-free copy of it (Run.trust)."""
+    if not isinstance(run, Run):
+        run = Run.open(run)
+    run.trust = run.trust or trust
+    if config is not None:
+        run.set_stage_config(stage, config)
+    return run

@@ -431,7 +431,7 @@ class Sandbox:
             spec = f"{evil}:fn" if token.variant % 2 == 0 else f"cmd:touch {M}/evil-cmd"
             m["config"]["teacher"] = spec
             try:  # the record the tool itself would write, so the teacher's hash check passes and only the rule stops it
-                from compressor.models._blackbox_teacher import query_spec_input
+                from compressor.models.query_teacher import query_spec_input
 
                 m["inputs"]["teacher"] = query_spec_input(spec)[0]
             except Exception:

@@ -124,13 +124,12 @@ def test_adaptive_avg_pool_on_7x7_runs_the_whole_pipeline_with_no_flag(images, t
 
 
 def test_a_student_no_exporter_accepts_fails_in_preflight_before_any_training(images, tmp_path, cli, monkeypatch):
-    from compressor import api as api_mod
-    from compressor.distill import trainer
+    from compressor.distill import teacher_pass, trainer
 
     def never(*a, **k):
         raise AssertionError("reached a step the preflight must come before")
     monkeypatch.setattr(trainer, "train_student", never)
-    monkeypatch.setattr(api_mod, "_teacher_pool_logits", never)
+    monkeypatch.setattr(teacher_pass, "teacher_pool_logits", never)
     from compressor.export import preflight as pf
 
     spent, real = [], pf.preflight
@@ -157,15 +156,15 @@ def test_a_student_no_exporter_accepts_fails_in_preflight_before_any_training(im
 
 
 def test_skip_preflight_starts_training(images, tmp_path, monkeypatch):
-    from compressor import api as api_mod
+    from compressor.distill import teacher_pass
 
     calls = []
-    real = api_mod._teacher_pool_logits
+    real = teacher_pass.teacher_pool_logits
 
     def spy(*a, **k):
         calls.append(1)
         return real(*a, **k)
-    monkeypatch.setattr(api_mod, "_teacher_pool_logits", spy)
+    monkeypatch.setattr(teacher_pass, "teacher_pool_logits", spy)
     cfg = _cfg(images, "maxpool", target="jetson", steps=20)
     cfg.preflight = False
     api.distill(cfg, tmp_path / "run")

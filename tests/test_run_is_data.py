@@ -13,7 +13,7 @@ import torch
 
 from compressor import api
 from compressor.config import CompressConfig, DataConfig, DistillConfig
-from compressor.models._blackbox_teacher import query_spec_input
+from compressor.models.query_teacher import query_spec_input
 
 from conftest import small_bench
 

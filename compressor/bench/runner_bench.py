@@ -28,18 +28,19 @@ def _latency(runner: Runner, run, cfg: BenchConfig) -> dict:
 
 
 def _one(name: str, role: str, precision: str, runner: Runner, path: Path, params: int, run, cfg: BenchConfig, teacher_pred,
-         accuracy_runner: Runner | None = None) -> tuple[dict, np.ndarray]:
+         accuracy_runner: Runner | None = None, known_pred: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
     """One row; accuracy_runner, when given, computes the outputs (a TensorRT Q/DQ graph with its arithmetic emulated)
-    while `runner` is timed."""
+    while `runner` is timed; known_pred, when given, is the model's class for each held-out row computed already
+    (the teacher's, by the distill stage), so only the timing runs it."""
     ds = run.data
-    if accuracy_runner is not None:
+    pred = known_pred
+    if accuracy_runner is not None and pred is None:
         with accuracy_runner:
-            logits = infer_batched(accuracy_runner, ds.x_test, cfg.eval_batch_size)
+            pred = infer_batched(accuracy_runner, ds.x_test, cfg.eval_batch_size).argmax(1)
     with runner:
-        if accuracy_runner is None:
-            logits = infer_batched(runner, ds.x_test, cfg.eval_batch_size)
+        if pred is None:
+            pred = infer_batched(runner, ds.x_test, cfg.eval_batch_size).argmax(1)
         lat = _latency(runner, run, cfg)
-    pred = logits.argmax(1)
     desc = runner.describe()
     return {
         "name": name, "role": role, "format": desc["format"], "precision": precision, "runtime": desc["runtime"],
@@ -57,7 +58,9 @@ def teacher_row(run, teacher, cfg: BenchConfig, num_classes: int | None) -> tupl
     t_runner = get_runner("teacher")(teacher, cfg.threads, num_classes=num_classes)
     # a black box (callable or command) may be slow or paid per call: a short latency measurement is enough
     t_cfg = replace(cfg, warmup_ms=0.0, warmup_runs=1, min_runs=min(cfg.min_runs, 10), min_duration_s=0.0) if hasattr(teacher, "answers") else cfg
-    row, pred = _one("teacher", "teacher", "fp32", t_runner, teacher.path, teacher.num_params() or 0, run, t_cfg, None)
+    # the teacher's held-out classes, where the distill stage recorded them, are not computed again
+    row, pred = _one("teacher", "teacher", "fp32", t_runner, teacher.path, teacher.num_params() or 0, run, t_cfg, None,
+                     known_pred=run.teacher_heldout_pred())
     return row, pred, t_runner, t_cfg
 
 
@@ -187,7 +190,7 @@ def preprocessing_time(run, cfg: BenchConfig) -> dict | None:
     since the application pays it on every frame. None for array data (.npz, mnist1d), which arrives preprocessed."""
     from pathlib import Path as _Path
 
-    from ..data._folder import read_images, scan_image_folder
+    from ..data.image_folder import read_images, scan_image_folder
 
     root = _Path(run.config.data.source)
     if not root.is_dir():

@@ -25,7 +25,7 @@ def load_data(cfg: DataConfig, *, teacher_input_shape: tuple | None = None, cach
         if not path.exists():
             raise CompressError(f"data {src} does not exist", hint="pass an .npz file, an image folder, or 'mnist1d'")
         if path.is_dir():
-            from ._folder import load_image_folder
+            from .image_folder import load_image_folder
 
             ds = load_image_folder(cfg, teacher_input_shape)
         elif not path.is_file():  # a FIFO would block the reader forever, /dev/zero would never end

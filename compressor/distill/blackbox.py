@@ -1,7 +1,7 @@
 """Distillation from a teacher you can only query (a hosted model, a command, a Python callable, or any teacher
 whose answers are limited to probabilities, a top-k or a label), optionally under a budget of rows sent to it.
 
-Flow (`distill_blackbox`, called by api._distill in place of its own flow):
+Flow (`distill_blackbox`, the distill stage's flow for such a teacher: see stage.py):
 1. The query pool is every training row outside the validation split; for a label-only teacher only the
    unlabeled ones (a labeled row already has the answer such a teacher would give).
 2. Without --query-budget the whole pool is asked once. With one, the budget is split into --query-rounds
@@ -16,15 +16,13 @@ the stage result under "teacher_queries" and shown in the report.
 """
 from __future__ import annotations
 
-import logging
 import time
 
 import numpy as np
 
 from ..errors import CompressError, did_you_mean
+from ..log import say
 from ..models.outputs import PROB_FLOOR, check_probabilities, log_probs, output_kind, output_note
-
-log = logging.getLogger("compressor")
 
 OUTPUT_KINDS = ("auto", "logits", "probs", "topk:K", "label")
 STRATEGIES = ("margin", "entropy")
@@ -81,11 +79,11 @@ def _online_features(dcfg) -> list[str]:
 
 
 def wanted(dcfg, teacher_spec: str | None) -> bool:
-    """Whether api._distill hands over to this flow: a budget, a top-k or label teacher output, or a callable/command
+    """Whether the distill stage takes this flow: a budget, a top-k or label teacher output, or a callable/command
     teacher (so its calls are counted and cached) unless a feature that needs the teacher on every batch is on.
-    Model files answering logits or probabilities (asked, or detected) stay in api's flow, where every loss, --search
+    Model files answering logits or probabilities (asked, or detected) take the white-box flow, where every loss, --search
     and function matching work: their probabilities become log-probabilities where the teacher's outputs are read."""
-    from ..models._blackbox_teacher import is_query_spec
+    from ..models.query_teacher import is_query_spec
 
     if dcfg.query_budget or parse_teacher_output(dcfg.teacher_output)[0] in ("topk", "label"):
         return True
@@ -238,180 +236,173 @@ def _scores(module, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
                                for i in range(0, len(x), batch_size)]) if len(x) else np.zeros((0, 1), np.float32)
 
 
-def distill_blackbox(run, resume: bool) -> tuple[dict, dict]:
-    """Train the student (and the baseline) from a teacher's answers under the run's black-box settings;
-    returns (outputs, results) in the shape api._distill returns them, plus results['teacher_queries']."""
-    import torch
+class _Queries:
+    """The rounds of questions to a black-box teacher: which rows to ask, its answers so far (cached in the run after
+    every round under the distill fingerprint) and the targets they make."""
 
-    from .._io import torch_save
-    from ..api import _check_student_output, _say
-    from ..data import check_classes, stratified_split
-    from ..models import build_student
-    from ..models._blackbox_teacher import check_answer
-    from .trainer import budget_steps, pick_device, train_student
+    def __init__(self, run, split, pool, kind: str, k: int | None, make_student, resume: bool):
+        self.run, self.split, self.pool, self.kind, self.k, self.make, self.resume = run, split, pool, kind, k, make_student, resume
+        dcfg, self.teacher, self.ds = run.config.distill, run.teacher, run.data
+        self.dcfg = dcfg
+        self.qbs = 4 * dcfg.batch_size  # rows per call, as for the white-box teachers' pool pass
+        self.who = f"the teacher ({self.teacher.spec if hasattr(self.teacher, 'spec') else self.teacher.format})"
+        self.loss = LOSS_FOR[kind]
+        self.cache_path, self.key = run.path("cache/teacher_queries.npz"), run.fingerprint("distill")
+        self.cache = _load_cache(self.cache_path, self.key)
+        self.num_classes, self.output = None, None
+        self.queried, self.targets = np.zeros(0, np.int64), None
+        self.rounds, self.scorer, self.teacher_seconds = [], None, 0.0
 
-    dcfg = run.config.distill
-    kind, k = check_settings(dcfg)
+    def ask(self, rows: np.ndarray) -> tuple[np.ndarray, int]:
+        from ..models.query_teacher import check_answer
+        from .trainer import pick_device
+
+        parts, calls, teacher, x = [], 0, self.teacher, self.ds.x
+        teacher.to(pick_device(self.dcfg.device))
+        try:
+            for i in range(0, len(rows), self.qbs):
+                xb = x[rows[i:i + self.qbs]]
+                parts.append(teacher.answers(xb, batch_size=self.qbs) if hasattr(teacher, "answers")
+                             else check_answer(teacher.logits(xb, batch_size=self.qbs), len(xb), self.who))
+                calls += 1
+        finally:
+            teacher.to("cpu")
+        if len({p.shape[1:] for p in parts}) > 1:
+            raise CompressError(f"{self.who} answers batches in different shapes", hint="answer every batch with (N,) class ids or (N, classes) scores, always the same")
+        return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), calls
+
+    def training_set(self):
+        rows = np.union1d(self.split.labeled_train, self.queried)
+        t = np.full((len(rows), self.num_classes), np.nan, np.float32)
+        t[np.searchsorted(rows, self.queried)] = self.targets
+        return rows, t
+
+    def train(self, name: str, rows, tlogits, loss_name: str, steps: int, ckpt: str):
+        import torch
+
+        from .jobs import train_job
+
+        torch.manual_seed(self.dcfg.seed)
+        module, _ = self.make(self.num_classes)
+        return train_job(self.run, name, module, rows, tlogits, self.split, self.dcfg, steps=steps, loss=loss_name,
+                         resume=self.resume, ckpt=ckpt)
+
+    def _select(self, r: int, size: int, entry: dict) -> np.ndarray:
+        """Round 1: a stratified random sample of the pool (or all of it); later rounds: the rows the student is least sure of."""
+        remaining = np.setdiff1d(self.pool, self.queried)
+        if r == 1:
+            rows = stratified_sample(remaining, self.ds.y, size, self.dcfg.seed) if size < len(remaining) else remaining
+            entry["selection"], how = ("random", "a stratified random sample") if size < len(remaining) else ("all", "every pool row")
+        else:
+            rows = remaining[np.sort(select_uncertain(_scores(self.scorer, self.ds.x[remaining]), size, self.dcfg.query_strategy))]
+            entry["selection"], how = self.dcfg.query_strategy, f"the rows the student is least sure of ({self.dcfg.query_strategy})"
+        entry["how"] = how
+        return rows
+
+    def one_round(self, r: int, size: int, last: int) -> None:
+        from ..data import check_classes
+        from .trainer import budget_steps
+
+        entry = {"round": r}
+        if r in self.cache:
+            rows_r, ans_r, calls_r = self.cache[r]
+            entry.update(selection=("all" if len(rows_r) >= len(self.pool) else "random") if r == 1 else self.dcfg.query_strategy, cached=True)
+            say(f"distill: round {r}/{last}: {len(rows_r)} teacher answers from the run's cache")
+        else:
+            rows_r = self._select(r, size, entry)
+            say(f"distill: round {r}/{last}: asking {self.who} about {len(rows_r)} rows, {entry.pop('how')}")
+            t0 = time.perf_counter()
+            ans_r, calls_r = self.ask(rows_r)
+            self.teacher_seconds += time.perf_counter() - t0
+            self.cache[r] = (rows_r, ans_r, calls_r)
+            _save_cache(self.cache_path, self.key, self.cache)
+            entry["cached"] = False
+        if self.num_classes is None:
+            self.num_classes = num_classes_from(ans_r, self.ds.num_classes, self.who)
+            check_classes(self.ds, self.num_classes)
+        if self.kind in ("auto", "logits", "probs") and ans_r.ndim == 2 and self.output is None:  # decided once, on the first answers
+            self.output = output_kind(ans_r, self.kind, self.who)
+            self.kind = self.output["kind"]
+        t_r = to_targets(ans_r, self.kind, self.k, self.num_classes, self.who)
+        self.queried = np.concatenate([self.queried, rows_r]).astype(np.int64)
+        self.targets = t_r if self.targets is None else np.concatenate([self.targets, t_r])
+        entry.update(rows=int(len(rows_r)), calls=int(calls_r))
+        if r < last:  # a student to pick the next round's rows with
+            rows, tl = self.training_set()
+            steps_r = max(1, int(ROUND_STEPS_FRACTION * budget_steps(self.dcfg, len(rows))))
+            self.scorer, res = self.train(f"round {r} student", rows, tl, self.loss, steps_r, f"student_round{r}.ckpt")
+            entry.update(train_rows=int(len(rows)), steps=steps_r, val_accuracy=res.best_val_accuracy)
+        self.rounds.append(entry)
+
+    def record(self) -> dict:
+        rows, calls = sum(e["rows"] for e in self.rounds), sum(e["calls"] for e in self.rounds)
+        return {"output": f"topk:{self.k}" if self.kind == "topk" else self.kind, "budget": self.dcfg.query_budget,
+                "strategy": self.dcfg.query_strategy, "pool_rows": int(len(self.pool)), "rows": int(rows), "calls": int(calls),
+                "rows_per_call": self.qbs, "loss": self.loss, "rounds": self.rounds}
+
+
+def _check_flow(dcfg) -> None:
     # the flow picks its loss from the teacher's output kind (bbkd/topk/pseudo); the default dist or kd both mean "that"
     bad = _online_features(dcfg) + ([f"--loss {dcfg.loss}"] if dcfg.loss not in ("kd", "dist") else [])
     if bad:
         raise CompressError(f"{', '.join(bad)} cannot be combined with a black-box teacher flow (--teacher-output {dcfg.teacher_output}"
                             f"{', --query-budget ' + str(dcfg.query_budget) if dcfg.query_budget else ''})",
                             hint="the teacher's answers are asked once per row and cached; drop those options")
-    teacher, ds = run.teacher, run.data
+
+
+def _check_budget(dcfg, ds) -> None:
     if dcfg.query_budget is not None and dcfg.query_budget < ds.num_classes:
         raise CompressError(f"--query-budget {dcfg.query_budget} is smaller than the number of classes ({ds.num_classes})",
                             hint=f"allow at least {ds.num_classes} rows (far more in practice: a few per class per round)")
 
-    labeled = np.flatnonzero(ds.y >= 0)
-    _, val = stratified_split(ds.y, dcfg.val_fraction, dcfg.seed)
-    if len(val) == 0:
-        raise CompressError("too few labeled rows to carve out a validation split", hint="label more rows (each class needs at least 2 labeled rows)")
-    train_rows = np.setdiff1d(np.arange(len(ds.y)), val)
-    labeled_train = np.intersect1d(train_rows, labeled)
-    x_val, y_val = ds.x[val], ds.y[val]
+
+def distill_blackbox(run, resume: bool) -> tuple[dict, dict]:
+    """Train the student (and the baseline) from a teacher's answers under the run's black-box settings;
+    returns (outputs, results) in the shape the white-box flow returns them, plus results['teacher_queries']."""
+    import torch
+
+    from .jobs import check_student_output, preflight, save_trained, student_factory, summary, validation_split
+    from .trainer import budget_steps
+
+    dcfg = run.config.distill
+    kind, k = check_settings(dcfg)
+    _check_flow(dcfg)
+    teacher, ds = run.teacher, run.data
+    _check_budget(dcfg, ds)
+    split = validation_split(ds, dcfg)
+    train_rows = split.train_rows
     pool = train_rows[ds.y[train_rows] < 0] if kind == "label" else train_rows
     if len(pool) == 0:
         pool = train_rows  # every row is labeled: a label-only teacher can still smooth them
     budget = min(dcfg.query_budget or len(pool), len(pool))
     sizes = round_sizes(budget, dcfg.query_rounds if budget < len(pool) else 1)
-    qbs = 4 * dcfg.batch_size  # rows per call, as for the white-box teachers' pool pass
-    who = f"the teacher ({teacher.spec if hasattr(teacher, 'spec') else teacher.format})"
-    loss = LOSS_FOR[kind]
-    ckdir = run.path("checkpoints")
-    teacher_params = teacher.num_params()
-    from .. import api
-
-    student_ctx = {}  # what build_student needs beyond the shapes ('teacher:…' students, token-id data), as in api._distill
-    if dcfg.student and str(dcfg.student).startswith("teacher:"):
-        student_ctx["teacher"] = teacher
-    if getattr(ds, "token_ids", False) and hasattr(api, "_vocab_size"):
-        student_ctx["vocab_size"] = api._vocab_size(teacher, ds)
-
-    from ..models.outputs import logits_only
-
-    def make_student(n_classes: int):
-        return logits_only(*build_student(dcfg.student, ds.input_shape, n_classes, teacher_params, **student_ctx), ds.x[:2], dcfg.output)
-
-    preflight = None
-    from .._io import is_writer
-
-    if run.config.preflight and is_writer():  # before the first query (a paid teacher's rows cost money): the data's classes stand in
-        from ..export.preflight import preflight as run_preflight
-
-        preflight = run_preflight(make_student(ds.num_classes)[0], ds.x[:8], run.target, run.config.export.opset, run.config.quantize.recipe)
-        _say(f"preflight: the student exports ({preflight['exporter']}, opset {preflight['opset']}), matches PyTorch and "
-             f"quantizes ({preflight['recipe']}) in {preflight['seconds']:.1f} s")
-
-    cache_path = run.path("cache/teacher_queries.npz")
-    key = run.fingerprint("distill")
-    cache = _load_cache(cache_path, key)
-    device = pick_device(dcfg.device)
-
-    def ask(rows: np.ndarray) -> tuple[np.ndarray, int]:
-        parts, calls = [], 0
-        teacher.to(device)
-        try:
-            for i in range(0, len(rows), qbs):
-                xb = ds.x[rows[i:i + qbs]]
-                if hasattr(teacher, "answers"):
-                    parts.append(teacher.answers(xb, batch_size=qbs))
-                else:
-                    parts.append(check_answer(teacher.logits(xb, batch_size=qbs), len(xb), who))
-                calls += 1
-        finally:
-            teacher.to("cpu")
-        if len({p.shape[1:] for p in parts}) > 1:
-            raise CompressError(f"{who} answers batches in different shapes", hint="answer every batch with (N,) class ids or (N, classes) scores, always the same")
-        return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), calls
-
-    num_classes, output = None, None
-    queried, targets = np.zeros(0, np.int64), None
-    rounds, scorer, teacher_seconds = [], None, 0.0
-
-    def training_set():
-        rows = np.union1d(labeled_train, queried)
-        t = np.full((len(rows), num_classes), np.nan, np.float32)
-        t[np.searchsorted(rows, queried)] = targets
-        return rows, t
-
-    def train(name: str, rows, tlogits, loss_name: str, steps: int, ckpt: str):
-        torch.manual_seed(dcfg.seed)
-        module, _ = make_student(num_classes)
-        _say(f"distill: training {name} ({loss_name}) for {steps} steps on {len(rows)} rows")
-        return train_student(module, ds.x[rows], ds.y[rows], tlogits, x_val, y_val, dcfg, steps=steps,
-                             checkpoint=ckdir / ckpt, label=name, resume=resume, loss_name=loss_name)
-
+    make = student_factory(dcfg, ds, teacher)
+    # before the first query (a paid teacher's rows cost money): the data's classes stand in
+    preflight_info = preflight(run, make(ds.num_classes)[0], ds)
+    q = _Queries(run, split, pool, kind, k, make, resume)
     for r, size in enumerate(sizes, start=1):
-        entry = {"round": r}
-        if r in cache:
-            rows_r, ans_r, calls_r = cache[r]
-            entry.update(selection=("all" if len(rows_r) >= len(pool) else "random") if r == 1 else dcfg.query_strategy, cached=True)
-            _say(f"distill: round {r}/{len(sizes)}: {len(rows_r)} teacher answers from the run's cache")
-        else:
-            remaining = np.setdiff1d(pool, queried)
-            if r == 1:
-                rows_r = stratified_sample(remaining, ds.y, size, dcfg.seed) if size < len(remaining) else remaining
-                how = "a stratified random sample" if size < len(remaining) else "every pool row"
-                entry["selection"] = "random" if size < len(remaining) else "all"
-            else:
-                rows_r = remaining[np.sort(select_uncertain(_scores(scorer, ds.x[remaining]), size, dcfg.query_strategy))]
-                how = f"the rows the student is least sure of ({dcfg.query_strategy})"
-                entry["selection"] = dcfg.query_strategy
-            _say(f"distill: round {r}/{len(sizes)}: asking {who} about {len(rows_r)} rows, {how}")
-            t0 = time.perf_counter()
-            ans_r, calls_r = ask(rows_r)
-            teacher_seconds += time.perf_counter() - t0
-            cache[r] = (rows_r, ans_r, calls_r)
-            _save_cache(cache_path, key, cache)
-            entry["cached"] = False
-        if num_classes is None:
-            num_classes = num_classes_from(ans_r, ds.num_classes, who)
-            check_classes(ds, num_classes)
-        if kind in ("auto", "logits", "probs") and ans_r.ndim == 2 and output is None:  # decided once, on the first answers
-            output = output_kind(ans_r, kind, who)
-            kind = output["kind"]
-        t_r = to_targets(ans_r, kind, k, num_classes, who)
-        queried = np.concatenate([queried, rows_r]).astype(np.int64)
-        targets = t_r if targets is None else np.concatenate([targets, t_r])
-        entry.update(rows=int(len(rows_r)), calls=int(calls_r))
-        if r < len(sizes):  # a student to pick the next round's rows with
-            rows, tl = training_set()
-            steps_r = max(1, int(ROUND_STEPS_FRACTION * budget_steps(dcfg, len(rows))))
-            scorer, res = train(f"round {r} student", rows, tl, loss, steps_r, f"student_round{r}.ckpt")
-            entry.update(train_rows=int(len(rows)), steps=steps_r, val_accuracy=res.best_val_accuracy)
-        rounds.append(entry)
+        q.one_round(r, size, len(sizes))
 
-    rows, tl = training_set()
+    rows, tl = q.training_set()
     steps = budget_steps(dcfg, len(rows))
     torch.manual_seed(dcfg.seed)
-    student, record = make_student(num_classes)
-    _check_student_output(student, ds.x[:2], num_classes, dcfg.student)
+    student, record = make(q.num_classes)
+    check_student_output(student, ds.x[:2], q.num_classes, dcfg.student)
     outputs, results = {}, {}
-    jobs = [("student", loss, rows, tl)]
+    jobs = [("student", q.loss, rows, tl)]
     if dcfg.baseline:
-        jobs.append(("baseline", "labels", labeled_train, None))
+        jobs.append(("baseline", "labels", split.labeled_train, None))
     for name, loss_name, jrows, jt in jobs:
-        module, res = train(name, jrows, jt, loss_name, steps, f"{name}.ckpt")
-        torch_save(module.state_dict(), run.path(f"{name}.pt"))
-        outputs[name] = f"{name}.pt"
-        results[name] = {"loss": loss_name, "val_accuracy": res.best_val_accuracy, "best_step": res.best_step, "steps": res.steps,
-                         "seconds": round(res.seconds, 2), "steps_per_second": round(res.steps / max(res.seconds, 1e-9), 2),
-                         "resumed_from_step": res.resumed_from, "train_rows": int(len(jrows)), "history": res.history}
-    total_rows, total_calls = sum(e["rows"] for e in rounds), sum(e["calls"] for e in rounds)
-    results["teacher_queries"] = {
-        "output": f"topk:{k}" if kind == "topk" else kind, "budget": dcfg.query_budget, "strategy": dcfg.query_strategy,
-        "pool_rows": int(len(pool)), "rows": int(total_rows), "calls": int(total_calls),
-        "rows_per_call": qbs, "loss": loss, "rounds": rounds,
-    }
-    results["teacher_pass_seconds"] = round(teacher_seconds, 2)
+        module, res = q.train(name, jrows, jt, loss_name, steps, f"{name}.ckpt")
+        save_trained(run, name, module, loss_name, res, jrows, outputs, results)
+    results["teacher_queries"] = q.record()
+    results["teacher_pass_seconds"] = round(q.teacher_seconds, 2)
     results["teacher_online"] = False
-    if output is not None:
-        results["teacher_output"] = output
-        note = output_note(output)
+    if q.output is not None:
+        results["teacher_output"] = q.output
+        note = output_note(q.output)
         results["notes"] = [note] if note else []
-    results.update(student_record=record, num_classes=num_classes, val_rows=int(len(val)), preflight=preflight,
-                   params=int(sum(p.numel() for p in student.parameters())), teacher_params=teacher_params,
-                   teacher_format=teacher.format, data=ds.summary())
-    _say(f"distill: the teacher answered {total_rows} rows in {total_calls} calls over {len(rounds)} round{'s' if len(rounds) != 1 else ''}")
+    results.update(summary(student, record, q.num_classes, split, preflight_info, teacher, ds))
+    tq = results["teacher_queries"]
+    say(f"distill: the teacher answered {tq['rows']} rows in {tq['calls']} calls over {len(q.rounds)} round{'s' if len(q.rounds) != 1 else ''}")
     return outputs, results

@@ -40,3 +40,10 @@ def launch(run_dir, nproc: int, resume: bool) -> None:
         # a worker's bad-input error stays a bad-input error (exit code 2) for the caller
         kind = "input" if proc.returncode == 2 or (errors and any("exitcode  : 2 " in ln or "(exitcode: 2)" in ln for ln in lines)) else "runtime"
         raise CompressError(f"distributed training failed: {first}", hint=f"the full output is in {run_dir}/compress.log", kind=kind)
+
+
+def in_torchrun() -> bool:
+    """True in a process torchrun started for a job of more than one process."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1

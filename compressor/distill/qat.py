@@ -133,7 +133,7 @@ def quantization_aware_distill(run, chosen: dict, calib: np.ndarray, val, cfg, w
     import torch
     import torch.nn.functional as F
 
-    from ..api import _teacher_pool_logits
+    from .teacher_pass import teacher_pool_logits
     from ..export.onnx_io import export_onnx
     from ..export.quantize import get_recipe, preprocess, quantize_with
     from ..export.tolerance import evaluate
@@ -163,7 +163,7 @@ def quantization_aware_distill(run, chosen: dict, calib: np.ndarray, val, cfg, w
     for m in fq:
         m.observing = False
     try:
-        targets, _ = _teacher_pool_logits(run, run.teacher, ds, dcfg)
+        targets, _ = teacher_pool_logits(run, run.teacher, ds, dcfg)
     except CompressError as exc:  # a black box, or a teacher that needs code: not run again in a later stage
         return {"skipped": str(exc)}, None
     targets = torch.from_numpy(np.array(targets, np.float32))

@@ -220,7 +220,7 @@ def search_for_distill(run, dcfg, teacher, ds, train_rows, x_val, y_val, pool_lo
     Returns (the best settings as DistillConfig overrides, the stage result's "search" section)."""
     import torch
 
-    from ..api import _online_teacher, _teacher_online, _teacher_pool_logits
+    from .teacher_pass import online_teacher, teacher_online, teacher_pool_logits
     from .trainer import train_student
 
     steps = int(dcfg.search_steps) if dcfg.search_steps else default_search_steps(full_steps)
@@ -238,11 +238,11 @@ def search_for_distill(run, dcfg, teacher, ds, train_rows, x_val, y_val, pool_lo
         torch.manual_seed(dcfg.seed)
         module = build_module()
         kw, tlogits = {}, None
-        if _teacher_online(tcfg):
-            kw = _online_teacher(teacher, module, ds.x[:2], tcfg)
+        if teacher_online(tcfg):
+            kw = online_teacher(teacher, module, ds.x[:2], tcfg)
         else:
             if cached[0] is None:
-                cached[0] = _teacher_pool_logits(run, teacher, ds, dcfg)[0]
+                cached[0] = teacher_pool_logits(run, teacher, ds, dcfg)[0]
             tlogits = cached[0][train_rows]
         try:
             _, res = train_student(module, x, y, tlogits, x_val, y_val, tcfg, steps=steps, checkpoint=ckpt,

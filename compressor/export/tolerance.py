@@ -58,11 +58,13 @@ def _retime(trials: list[dict], one: np.ndarray, rounds: int = 4) -> None:
         t["p50_ms_1thread"] = float(np.min(acc))
 
 
-def evaluate(path: Path, val: Validation, fp32_score: float, recipe: str | None = None) -> dict:
+def evaluate(path: Path, val: Validation, fp32_score: float, recipe: str | None = None, logits: np.ndarray | None = None) -> dict:
     """Accuracy (or agreement), its drop in points against FP32, agreement with FP32, batch-1 p50 on one thread.
     A graph of the tensorrt recipe is judged with the Q/DQ arithmetic emulated (make_session's emulate_qdq): its
-    accuracy is the device's, not that of this CPU's integer kernels."""
-    logits = run_session(make_session(path, threads=None, emulate_qdq=recipe == "tensorrt"), val.x)
+    accuracy is the device's, not that of this CPU's integer kernels. logits: the graph's outputs on val.x when the
+    caller has them already (the FP32 graph's are val.ref)."""
+    if logits is None:
+        logits = run_session(make_session(path, threads=None, emulate_qdq=recipe == "tensorrt"), val.x)
     cmp = compare(val.ref, logits)
     score = val.score(logits)
     ops = qdq_summary(path)

@@ -43,7 +43,7 @@ def load_teacher(path: str | Path, arch: str | None = None, trust: bool = False,
     """Load a teacher file, detecting its format from its content; or a black-box teacher you can only query:
     'file.py:fn' / 'package.module:fn' (a Python callable) or 'cmd:CMD ARGS' (a command run in cwd).
     files_only: `path` is a file name and nothing else, whatever it looks like (what a run folder names is data)."""
-    from ._blackbox_teacher import is_query_spec, load_query_teacher
+    from .query_teacher import is_query_spec, load_query_teacher
 
     if not files_only and is_query_spec(str(path)):
         return load_query_teacher(str(path), cwd)

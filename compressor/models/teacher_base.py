@@ -1,4 +1,4 @@
-"""The Teacher every loader gives (compressor/models/teacher.py for model files, _blackbox_teacher.py for teachers
+"""The Teacher every loader gives (compressor/models/teacher.py for model files, query_teacher.py for teachers
 that can only be queried), in a module of its own so the loaders import it without importing each other."""
 from __future__ import annotations
 

@@ -1,0 +1,67 @@
+"""The teacher's pass over the training pool, shared by every distill flow (white box, search, QAT): either its
+outputs for every pool row, computed once and cached in the run folder (memory-mapped by later runs and --resume),
+or the teacher run online on every batch (function matching, mixing, hints)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..errors import CompressError
+from ..log import say
+
+POOL_CACHE = "cache/teacher_pool_logits.npy"
+
+
+def teacher_online(dcfg) -> bool:
+    """Function matching, mixing and hints need the teacher run on every batch (no cached outputs)."""
+    return dcfg.augment != "none" or dcfg.mixup > 0 or dcfg.cutmix > 0 or bool(dcfg.hint)
+
+
+def teacher_pool_logits(run, teacher, ds, dcfg) -> tuple[np.ndarray, float | None]:
+    """The teacher's outputs for every pool row: from the run's cache when its key matches (seconds None), else
+    computed and cached (seconds the pass took)."""
+    from .._io import atomic_path, sha256_json, write_text
+    from ..models.outputs import resolve_teacher_output
+    from .trainer import pick_device
+
+    cache = run.path(POOL_CACHE)
+    # the outputs depend on the teacher, the data and how its outputs are read (--teacher-output) only: a rerun with
+    # another loss, T or schedule reuses them
+    key = sha256_json([run.manifest["inputs"], run.config.data.to_dict(), dcfg.teacher_output])
+    key_file = cache.with_suffix(".key")
+    if cache.exists() and key_file.exists() and key_file.read_text() == key:
+        return np.load(cache, mmap_mode="r"), None
+    resolve_teacher_output(teacher, ds.x, dcfg.teacher_output)  # done once per teacher (already, in the distill stage)
+    say(f"distill: running the teacher ({teacher.format}) on {len(ds.x)} training rows")
+    t0 = time.perf_counter()
+    pool_logits = teacher.to(pick_device(dcfg.device)).logits(ds.x, batch_size=4 * dcfg.batch_size)
+    seconds = time.perf_counter() - t0
+    teacher.to("cpu")
+    bad = ~np.isfinite(pool_logits).all(axis=1)
+    if bad.any():
+        raise CompressError(f"the teacher returns NaN or Inf for {int(bad.sum())} of {len(bad)} training rows (first: row {int(np.argmax(bad))})",
+                            hint="check the data's scale and preprocessing: it should match what the teacher was trained on")
+    with atomic_path(cache) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, pool_logits)
+    write_text(key_file, key)
+    return pool_logits, seconds
+
+
+def online_teacher(teacher, student, sample: np.ndarray, dcfg) -> dict:
+    """train_student's keyword arguments for a teacher run on every batch (and the hint, if asked)."""
+    import torch
+
+    from .trainer import OnlineTeacher, pick_device
+
+    device = pick_device(dcfg.device)
+    teacher.to(device)
+    if teacher.white_box and hasattr(teacher.module, "eval"):
+        teacher.module.eval()
+    kw = {"online_teacher": OnlineTeacher(teacher, device)}
+    if dcfg.hint:
+        from .losses.hint import Hint
+
+        kw["hint"] = Hint(dcfg.hint, student, teacher, torch.from_numpy(sample))
+    return kw
