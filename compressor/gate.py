@@ -251,57 +251,73 @@ def gate(current: dict, baseline: dict, cfg: GateConfig, timed: dict | None = No
     """Compare two validated reports; every check is recorded (pass, fail or skip with the reason).
     timed: {baseline model name: (baseline rounds, current rounds)} in ms, measured here side by side (retime);
     not_timed: {name: why it could not be re-timed}, shown in the skips."""
-    check_gate_config(cfg)
-    check_report_numbers(current, "current report")
-    check_report_numbers(baseline, "baseline")
+    differ = _check_inputs(current, baseline, cfg)
     timed, not_timed = timed or {}, not_timed or {}
-    differ = host_difference(current, baseline)
-    if cfg.absolute_latency and differ:
-        raise CompressError(f"--absolute-latency needs both reports from the same host, but they differ ({differ})",
-                            hint="let the gate re-time the baseline here: keep a baseline bundle (--update-baseline into a folder)")
     res = GateResult()
     modes = {"re-timed here": 0, "from the reports (same host)": 0, "not comparable": 0}
-    if cfg.models:
-        unknown = [n for n in cfg.models if _lookup(baseline["models"], n) is None]
-        if unknown:  # a typo here would check nothing and pass
-            raise CompressError(f"models = {unknown} names no model of the baseline",
-                                hint="models: " + ", ".join(x["name"] for x in baseline["models"]))
     for b, c in matches(current, baseline, cfg):
         name = b["name"]
         if c is None:
             res.checks.append(Check(name, "present", FAIL, "yes", "missing", "", "the current report has no such model"))
             continue
-        drop = 100.0 * (b["accuracy"] - c["accuracy"])
-        res.checks.append(Check(name, "accuracy", PASS if drop <= cfg.max_accuracy_drop else FAIL, f"{100 * b['accuracy']:.2f}%",
-                                f"{100 * c['accuracy']:.2f}%", f"drop ≤ {cfg.max_accuracy_drop:g} pts", f"{0.0 - drop + 0.0:+.2f} pts"))
-        if cfg.min_agreement is not None and c["role"] != "teacher":
-            res.checks.append(Check(name, "agreement", PASS if c["agreement"] >= cfg.min_agreement else FAIL, f"{100 * b['agreement']:.2f}%",
-                                    f"{100 * c['agreement']:.2f}%", f"≥ {100 * cfg.min_agreement:.2f}%"))
-        if b["size_bytes"] > 0:
-            growth = c["size_bytes"] / b["size_bytes"] - 1.0
-            res.checks.append(Check(name, "size", PASS if growth <= cfg.max_size_growth else FAIL, f"{b['size_bytes']:,} B",
-                                    f"{c['size_bytes']:,} B", f"growth ≤ {100 * cfg.max_size_growth:g}%", f"{100 * growth:+.1f}%"))
-        else:
-            res.checks.append(Check(name, "size", SKIP, "0 B", f"{c['size_bytes']:,} B", detail="the baseline records no file size"))
+        res.checks += _report_checks(name, b, c, cfg)
         chk, mode = _latency_check(name, b, c, cfg, timed.get(name) if not cfg.absolute_latency else None, differ,
                                    not_timed.get(name), current, baseline)
         res.checks.append(chk)
         if mode:
             modes[mode] += 1
     res.latency_mode = ", ".join(f"{n} {k}" for k, n in modes.items() if n) or "no latency checks"
-    for f in cfg.floors or []:
-        m = _lookup(current["models"], f["model"])
-        if m is None:
-            if _lookup(baseline["models"], f["model"]) is None:  # in neither report: a typo, not a regression
-                raise CompressError(f"the floor names '{f['model']}', which is in neither report",
-                                    hint="models: " + ", ".join(x["name"] for x in baseline["models"]))
-            res.checks.append(Check(f["model"], f"floor {f['metric']}", FAIL, "", "missing", "", "no such model in the current report"))
-            continue
-        v = FLOOR_METRICS[f["metric"]](m)
-        ok = ("min" not in f or v >= f["min"]) and ("max" not in f or v <= f["max"])
-        limit = " and ".join(s for s in (f"≥ {f['min']:g}" if "min" in f else "", f"≤ {f['max']:g}" if "max" in f else "") if s)
-        res.checks.append(Check(m["name"], f"floor {f['metric']}", PASS if ok else FAIL, "", f"{v:g}", limit))
+    res.checks += [_floor_check(f, current, baseline) for f in cfg.floors or []]
     return res
+
+
+def _check_inputs(current: dict, baseline: dict, cfg: GateConfig) -> str | None:
+    """Refuse what the gate cannot compare (a bad config, a non-finite figure, --absolute-latency across hosts, a
+    `models` entry naming nothing); returns how the two hosts differ (None: the same host)."""
+    check_gate_config(cfg)
+    check_report_numbers(current, "current report")
+    check_report_numbers(baseline, "baseline")
+    differ = host_difference(current, baseline)
+    if cfg.absolute_latency and differ:
+        raise CompressError(f"--absolute-latency needs both reports from the same host, but they differ ({differ})",
+                            hint="let the gate re-time the baseline here: keep a baseline bundle (--update-baseline into a folder)")
+    if cfg.models:
+        unknown = [n for n in cfg.models if _lookup(baseline["models"], n) is None]
+        if unknown:  # a typo here would check nothing and pass
+            raise CompressError(f"models = {unknown} names no model of the baseline",
+                                hint="models: " + ", ".join(x["name"] for x in baseline["models"]))
+    return differ
+
+
+def _report_checks(name: str, b: dict, c: dict, cfg: GateConfig) -> list[Check]:
+    """Accuracy, agreement (when asked, students only) and size of one model, from the two reports."""
+    drop = 100.0 * (b["accuracy"] - c["accuracy"])
+    out = [Check(name, "accuracy", PASS if drop <= cfg.max_accuracy_drop else FAIL, f"{100 * b['accuracy']:.2f}%",
+                 f"{100 * c['accuracy']:.2f}%", f"drop ≤ {cfg.max_accuracy_drop:g} pts", f"{0.0 - drop + 0.0:+.2f} pts")]
+    if cfg.min_agreement is not None and c["role"] != "teacher":
+        out.append(Check(name, "agreement", PASS if c["agreement"] >= cfg.min_agreement else FAIL, f"{100 * b['agreement']:.2f}%",
+                         f"{100 * c['agreement']:.2f}%", f"≥ {100 * cfg.min_agreement:.2f}%"))
+    if b["size_bytes"] > 0:
+        growth = c["size_bytes"] / b["size_bytes"] - 1.0
+        out.append(Check(name, "size", PASS if growth <= cfg.max_size_growth else FAIL, f"{b['size_bytes']:,} B",
+                         f"{c['size_bytes']:,} B", f"growth ≤ {100 * cfg.max_size_growth:g}%", f"{100 * growth:+.1f}%"))
+    else:
+        out.append(Check(name, "size", SKIP, "0 B", f"{c['size_bytes']:,} B", detail="the baseline records no file size"))
+    return out
+
+
+def _floor_check(f: dict, current: dict, baseline: dict) -> Check:
+    """One absolute floor on the current report; a model in neither report is a typo (CompressError), not a regression."""
+    m = _lookup(current["models"], f["model"])
+    if m is None:
+        if _lookup(baseline["models"], f["model"]) is None:  # in neither report: a typo, not a regression
+            raise CompressError(f"the floor names '{f['model']}', which is in neither report",
+                                hint="models: " + ", ".join(x["name"] for x in baseline["models"]))
+        return Check(f["model"], f"floor {f['metric']}", FAIL, "", "missing", "", "no such model in the current report")
+    v = FLOOR_METRICS[f["metric"]](m)
+    ok = ("min" not in f or v >= f["min"]) and ("max" not in f or v <= f["max"])
+    limit = " and ".join(s for s in (f"≥ {f['min']:g}" if "min" in f else "", f"≤ {f['max']:g}" if "max" in f else "") if s)
+    return Check(m["name"], f"floor {f['metric']}", PASS if ok else FAIL, "", f"{v:g}", limit)
 
 
 def _decide(name: str, bs: list[float] | None, cs: list[float] | None, bv: float, cv: float, cfg: GateConfig, how: str,
@@ -323,14 +339,7 @@ def _decide(name: str, bs: list[float] | None, cs: list[float] | None, bv: float
 
 def _latency_check(name, b, c, cfg, timed, differ, why_not, current, baseline) -> tuple[Check, str | None]:
     if timed is not None:  # both sides timed here, side by side, round by round
-        bs, cs = [float(v) for v in timed[0]], [float(v) for v in timed[1]]
-        if not bs or len(bs) != len(cs) or min(bs) <= 0 or min(cs) <= 0 or not all(map(math.isfinite, bs + cs)):
-            raise CompressError(f"re-timing '{name}' gave unusable times ({bs[:3]}..., {cs[:3]}...)", hint="rerun the gate")
-        # the effect: the median over rounds of current/baseline measured in the same round (paired, so a slow round
-        # slows both sides and moves no ratio)
-        ratio = float(statistics.median(c / b for b, c in zip(bs, cs)))
-        return _decide(name, bs, cs, float(statistics.median(bs)), float(statistics.median(cs)), cfg, "re-timed here, interleaved",
-                       effect=ratio - 1.0, paired=True), "re-timed here"
+        return _retimed_check(name, timed, cfg), "re-timed here"
     if b.get("latency_measured_on", "host") != "host" or c.get("latency_measured_on", "host") != "host":
         if differ is None and b.get("device") == c.get("device"):
             pass  # same host and same device: the device's milliseconds compare like the host's
@@ -339,17 +348,34 @@ def _latency_check(name, b, c, cfg, timed, differ, why_not, current, baseline) -
     if b["format"] in BLACK_BOX:
         return Check(name, "latency", SKIP, detail="a black-box teacher's latency is not the model's"), None
     if differ is not None:
-        reason = f"not comparable: measured on {_host_label(baseline)}, now on {_host_label(current)}"
-        if _host_label(baseline) == _host_label(current):
-            reason = f"not comparable: the hosts differ ({differ})"
-        if why_not:
-            reason += f"; not re-timed: {why_not}"
-        return Check(name, "latency", SKIP, detail=reason), "not comparable"
+        return Check(name, "latency", SKIP, detail=_not_comparable(differ, why_not, current, baseline)), "not comparable"
     bs, cs = _samples(b), _samples(c)
     bv = min(bs) if bs else b["latency_ms"]["p50"]  # best round: bursts of other work only ever add time
     cv = min(cs) if cs else c["latency_ms"]["p50"]
     how = "same host, from the reports" + (f"; not re-timed: {why_not}" if why_not else "")
     return _decide(name, bs, cs, bv, cv, cfg, how), "from the reports (same host)"
+
+
+def _retimed_check(name: str, timed: tuple, cfg: GateConfig) -> Check:
+    """The latency check on rounds timed here: (baseline rounds, current rounds), side by side."""
+    bs, cs = [float(v) for v in timed[0]], [float(v) for v in timed[1]]
+    if not bs or len(bs) != len(cs) or min(bs) <= 0 or min(cs) <= 0 or not all(map(math.isfinite, bs + cs)):
+        raise CompressError(f"re-timing '{name}' gave unusable times ({bs[:3]}..., {cs[:3]}...)", hint="rerun the gate")
+    # the effect: the median over rounds of current/baseline measured in the same round (paired, so a slow round
+    # slows both sides and moves no ratio)
+    ratio = float(statistics.median(c / b for b, c in zip(bs, cs)))
+    return _decide(name, bs, cs, float(statistics.median(bs)), float(statistics.median(cs)), cfg, "re-timed here, interleaved",
+                   effect=ratio - 1.0, paired=True)
+
+
+def _not_comparable(differ: str, why_not: str | None, current: dict, baseline: dict) -> str:
+    """Why the reports' milliseconds from two hosts are not compared (and why they were not re-timed, if known)."""
+    reason = f"not comparable: measured on {_host_label(baseline)}, now on {_host_label(current)}"
+    if _host_label(baseline) == _host_label(current):
+        reason = f"not comparable: the hosts differ ({differ})"
+    if why_not:
+        reason += f"; not re-timed: {why_not}"
+    return reason
 
 
 def compare(current: str | Path, baseline: str | Path, cfg: GateConfig) -> GateResult:
@@ -441,3 +467,137 @@ def github_summary(markdown: str) -> str | None:
         log.warning(f"warning: GITHUB_STEP_SUMMARY={path}: cannot append the summary ({exc.strerror or exc})")
         return None
     return path
+
+
+# --- compress gate as CI runs it: inputs, the comparison, its summaries, the new baseline, the exit code ------------
+@dataclass
+class GateOutcome:
+    """What `run_gate` did: the comparison (None when there was no baseline yet to compare with), the sentence saying
+    which baseline it wrote (None: none written), and the exit code (0 pass or a baseline written, 1 regression)."""
+
+    result: GateResult | None = None
+    baseline_written: str | None = None
+    exit_code: int = 0
+
+
+def report_for(path: str | Path, what: str) -> Path:
+    """A report.json, or a run directory holding one."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "report.json"
+    if not p.is_file():
+        raise CompressError(f"{what} {p} does not exist" + ("" if p.parent.exists() else " (nor does its folder)"),
+                            hint="pass a report.json written by 'compress bench' (or its run directory)")
+    return p
+
+
+def parse_floor(text: str) -> dict:
+    """--floor MODEL:METRIC>=VALUE (or <=VALUE) as a [[floor]] table."""
+    import re
+
+    m = re.fullmatch(r"\s*(.+?)\s*:\s*(\w+)\s*(>=|<=)\s*([-+0-9.eE]+)\s*", text)
+    if not m:
+        raise CompressError(f"--floor '{text}' is not MODEL:METRIC>=VALUE or MODEL:METRIC<=VALUE", hint="e.g. 'student onnx int8:accuracy>=0.93'")
+    model, metric, op, value = m.groups()
+    try:
+        v = float(value)
+    except ValueError:
+        v = None
+    if v is None or v != v or v in (float("inf"), float("-inf")):
+        raise CompressError(f"--floor '{text}': {value} is not a finite number")
+    return {"model": model, "metric": metric, ("min" if op == ">=" else "max"): v}
+
+
+_ARTIFACT_SUFFIXES = (".json", ".onnx", ".pt", ".pt2", ".npy", ".npz", ".lock", ".log", ".engine", ".gz", ".sh", ".py")
+
+
+def _is_gate_input(out: Path, inputs: tuple) -> bool:
+    """out is CURRENT or the baseline (a file), or a file of the kind the tool keeps inside either (a run or bundle
+    folder: reports, manifests, models, checksums); a new summary such as RUN/gate.xml is fine."""
+    try:
+        o = Path(os.path.abspath(out)).parent.resolve() / out.name
+        return any(_is_input(out, o, p) for p in inputs)
+    except (OSError, RuntimeError):
+        return True  # unresolvable (a link loop): not a place to write to
+
+
+def _is_input(out: Path, o: Path, p: Path) -> bool:
+    """out (o: its absolute path) is the input p, or an artifact inside the folder p."""
+    r = p.resolve()
+    if out.exists() and p.exists() and os.path.samefile(out, p):
+        return True
+    return p.is_dir() and o.is_relative_to(r) and (o.suffix.lower() in _ARTIFACT_SUFFIXES or o.name == "SHA256SUMS"
+                                                   or o.name.startswith("report."))
+
+
+def _check_summary_path(what: str, out, inputs: tuple) -> None:
+    """--junit/--markdown: refused before the minutes of timing when a device, a link, a folder or one of the gate's inputs."""
+    if out is None:
+        return
+    if Path(out).is_symlink() or (Path(out).exists() and not Path(out).is_file()):
+        raise CompressError(f"{what} {out} exists and is not a regular file (a folder, a link or a device)", hint="give a file path")
+    if _is_gate_input(Path(out), inputs):
+        raise CompressError(f"{what} {out} is one of the gate's inputs (CURRENT, --baseline, or a file inside them)",
+                            hint="write the summary somewhere else")
+
+
+def _baseline_exists(baseline: Path) -> bool:
+    b = Path(baseline)
+    return (b / "report.json").is_file() if b.is_dir() else b.is_file()
+
+
+def write_baseline(current: str | Path, baseline: str | Path, bundle: bool) -> str:
+    """CURRENT as the new baseline: a baseline bundle in the folder `baseline` (bundle), or the bare report.json at
+    `baseline`; returns the sentence saying what was written."""
+    from shlex import quote
+
+    from ._io import read_regular_file, write_bytes
+    from .bench.report import REPORT_MAX_BYTES, load_report
+    from .bench.retime import open_side, write_bundle
+
+    if bundle:
+        marker = write_bundle(open_side(current, "current report"), Path(baseline))
+        return f"gate: wrote the baseline bundle {quote(str(baseline))} ({len(marker['files'])} files: {', '.join(sorted(marker['files']))})"
+    cur_path = report_for(current, "current report")
+    load_report(cur_path)
+    write_bytes(baseline, read_regular_file(cur_path, "current report", REPORT_MAX_BYTES))
+    return (f"gate: wrote {quote(str(cur_path))} as the new baseline {quote(str(baseline))} (a bare report: its latencies are comparable only "
+            "on the same host; a folder as --baseline keeps the model files, which the gate re-times on any machine)")
+
+
+def _write_summaries(res: GateResult, current, baseline, junit, markdown) -> None:
+    """The Markdown summary (--markdown, $GITHUB_STEP_SUMMARY) and the JUnit XML (--junit)."""
+    from ._io import write_text
+
+    md = render_markdown(res, str(current), str(baseline))
+    if markdown:
+        write_text(markdown, md)
+    github_summary(md)
+    if junit:
+        write_text(junit, junit_xml(res))
+
+
+def run_gate(current: str | Path, baseline: str | Path, *, config_path: str | Path | None = None, floors=(), junit: str | Path | None = None,
+             markdown: str | Path | None = None, update_baseline: bool = False, show=None, **thresholds) -> GateOutcome:
+    """`compress gate`: check the inputs (the --update-baseline target, --floor texts, the summary paths) before any
+    timing, build the GateConfig (defaults, config_path's gate.toml, then thresholds and floors), compare (`compare`),
+    show(result) when given, write the summaries, then the new baseline when update_baseline. With update_baseline
+    and no baseline yet, CURRENT becomes the baseline and nothing is compared."""
+    bundle = update_baseline and (Path(baseline).is_dir() or Path(baseline).suffix.lower() != ".json")
+    if bundle:
+        from .bench.retime import check_bundle_target
+
+        check_bundle_target(Path(baseline))  # before any comparison: never a folder of someone else's files
+    if update_baseline and not _baseline_exists(baseline):  # the first baseline: nothing to compare yet
+        return GateOutcome(baseline_written=write_baseline(current, baseline, bundle) + " (no baseline yet)")
+    parsed = [parse_floor(f) for f in floors]
+    for what, out in (("--junit", junit), ("--markdown", markdown)):  # before the minutes of timing
+        _check_summary_path(what, out, (Path(current), Path(baseline)))
+    cfg = load_gate_config(config_path, extra_floors=parsed, **thresholds)
+    res = compare(current, baseline, cfg)
+    if show is not None:
+        show(res)
+    _write_summaries(res, current, baseline, junit, markdown)
+    if update_baseline:
+        return GateOutcome(res, write_baseline(current, baseline, bundle))
+    return GateOutcome(res, exit_code=0 if res.passed else 1)

@@ -116,3 +116,71 @@ def profile_warnings(profile: dict, **host) -> list[str]:
             out.append(f"TensorRT {rt['version']} is older than 10: 'compress bundle' and engine building refuse this profile "
                        "(export and INT8 Q/DQ quantization still work)")
     return out
+
+
+# --- rendering: `compress targets` --------------------------------------------------------------------
+def _runtime_text(p: dict) -> str:
+    rt = p["runtime"]
+    return f"{rt['name']} {rt.get('version') or rt.get('provider', '').replace('ExecutionProvider', ' EP')}".strip()
+
+
+def _fig(p: dict, key: str) -> str:
+    v = figure(p, key)
+    return "-" if v is None else f"{v:g}" if isinstance(v, (int, float)) else str(v)
+
+
+def print_table(console=None) -> None:
+    """Every built-in profile as a table on the terminal (piped: 120 columns wide), with a line on the '-' cells."""
+    from rich.console import Console
+    from rich.table import Table
+
+    profiles = list_targets()
+    table = Table()
+    # the names are what users type: never wrap or cut them, whatever the width
+    table.add_column("name", no_wrap=True, min_width=max(len(p["name"]) for p in profiles))
+    # aliases are typed too: one a line, never cut
+    table.add_column("aliases", no_wrap=True, min_width=max((len(a) for p in profiles for a in p.get("aliases", [])), default=7))
+    for h in ("kind", "runtime", "precisions", "INT8 TOPS\ndense/sparse", "GB/s", "memory GB"):
+        table.add_column(h, overflow="fold")
+    for p in profiles:
+        table.add_row(p["name"], "\n".join(p.get("aliases", [])), p["kind"], _runtime_text(p), " ".join(p["quantization"]["precisions"]),
+                      f"{_fig(p, 'int8_dense_tops')} / {_fig(p, 'int8_sparse_tops')}", _fig(p, "memory_bandwidth_gbps"), _fig(p, "memory_gb"))
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=120)  # piped: as wide as the gate's table, so rows are not cut to 80 columns
+    console.print(table)
+    console.print("-: no figure (not published, or no single figure for this kind of device); 'compress targets NAME --text' shows the sources.")
+
+
+def profile_text(p: dict) -> str:
+    """One profile, every hardware figure with its source."""
+    rt, q = p["runtime"], p["quantization"]
+    lines = [f"{p['name']}: {p['description']}", f"  aliases: {', '.join(p.get('aliases', [])) or '-'}", f"  kind: {p['kind']}",
+             f"  runtime: {_runtime_text(p)}"]
+    if rt.get("platform"):
+        lines.append(f"  platform: {rt['platform']}")
+    if rt.get("provider"):
+        lines.append(f"  execution provider: {rt['provider']}")
+    lines += [f"  runtime source: {rt['source']}", f"  onnx opset: {rt['onnx_opset']}", f"  precisions: {', '.join(q['precisions'])}",
+              f"  int8 recipe: {q['int8_recipe']}"]
+    if p.get("cpu_arch"):
+        lines.append(f"  cpu arch: {p['cpu_arch']}")
+    if p.get("requires_cpu_features"):
+        lines.append(f"  requires cpu features: {', '.join(p['requires_cpu_features'])}")
+    lines += _hardware_lines(p.get("hardware", {}))
+    for n in p.get("notes", []):
+        lines.append(f"  note: {n}")
+    return "\n".join(lines)
+
+
+def _hardware_lines(hw: dict) -> list[str]:
+    lines = ["  hardware:"] if hw else []
+    for key, fig in hw.items():
+        v = fig["value"]
+        shown = ", ".join(f"{k}: {w:g} W" for k, w in v.items()) if isinstance(v, dict) else f"{v:g}" if isinstance(v, (int, float)) else str(v)
+        lines.append(f"    {key}: {shown}")
+        if fig.get("note"):
+            lines.append(f"      note: {fig['note']}")
+        lines.append(f"      source: {fig['source']}")
+    return lines
