@@ -8,7 +8,6 @@ import functools
 from pathlib import Path
 
 from .config import BenchConfig, CompressConfig, ExportConfig, QuantizeConfig
-from .errors import CompressError
 from .log import say
 from .run import Run, open_stage
 
