@@ -303,6 +303,11 @@ DATA_OPTIONS = OptionGroup(
     Opt("--max-image-pixels", type=click.IntRange(min=1), help=f"Image folders: refuse an image (or an --image-size) with more pixels than this, a guard against decompression bombs (default {DataConfig.max_image_pixels:,}, PIL's)."),
     Opt("--mean", convert=_list, type=str, callback=_check_norm, help="Per-channel mean to subtract after scaling pixels to [0,1], e.g. 0.485,0.456,0.406."),
     Opt("--std", convert=_list, type=str, callback=_check_norm, help="Per-channel std to divide by after --mean."),
+    Opt("--unlabeled", multiple=True, type=click.Path(), convert=lambda v: [str(p) for p in v] or None,
+        help="A folder of images without labels (any nesting, no class folders), added to the training pool for the teacher to label softly; repeatable."),
+    Opt("--resize", type=click.IntRange(1, 16384), help="Image folders: scale each image's shorter side to N, then cut out the centre --crop (e.g. --resize 256 --crop 224, the usual ImageNet evaluation transform)."),
+    Opt("--crop", type=click.IntRange(1, 16384), help="Image folders: the side of the centre crop (images become MxM; without --resize the shorter side is scaled to M first)."),
+    Opt("--workers", type=click.IntRange(0, 256), help="Processes decoding images in the background (DataLoader workers; default: the usable cores, at most 8; 0: decode in the main process)."),
     build=lambda v: _check_norm_channels(v) or {},
 )
 DISTILL_OPTIONS = OptionGroup(

@@ -48,7 +48,7 @@ INT_BOUNDS = {
     "min_steps": (0, 10**9), "repeat": (1, 1000), "rounds": (5, 1000), "query_rounds": (1, 1000), "search": (0, 10000),
     "opset": (13, 23), "channels": (1, 3), "image_size": (1, 16384), "evals": (1, 10**6), "warmup_runs": (0, 10**7),
     "min_runs": (1, 10**7), "calibration_rows": (1, 10**7), "validation_rows": (1, 10**8), "check_rows": (1, 10**8),
-    "max_float_nodes": (0, 100000),
+    "max_float_nodes": (0, 100000), "resize": (1, 16384), "crop": (1, 16384), "workers": (0, 256),
 }
 DEFAULT_INT_BOUNDS = (0, 10**12)
 
@@ -112,6 +112,10 @@ class DataConfig(_Config):
     mean: list[float] | None = None  # per-channel normalisation after scaling pixels to [0, 1]
     std: list[float] | None = None
     max_image_pixels: int | None = 89_478_485  # image folders: larger images (and --image-size) are refused; PIL's Image.MAX_IMAGE_PIXELS
+    unlabeled: list[str] | None = None  # image folders without labels (any nesting), added to the training pool with y = -1
+    resize: int | None = None  # image folders: shorter side scaled to this, then the centre --crop cut out (ImageNet's eval transform)
+    crop: int | None = None  # image folders: the centre crop's side (the images' size is then crop x crop)
+    workers: int | None = None  # DataLoader worker processes decoding images (None: the usable cores, at most 8; 0: in the main process)
     mnist1d_samples: int = 55000  # rows generated for the built-in data (80% pool, 20% held out)
     mnist1d_labels: int = 4000  # labeled rows of the pool; the rest are unlabeled (y = -1)
     seed: int = 0

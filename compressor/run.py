@@ -135,6 +135,7 @@ class Run:
 
     def __init__(self, path: Path, manifest: dict):
         self.dir, self.manifest = path, manifest
+        self.computed: dict = {}  # values a stage computed that a later one in the same process reuses (never saved as such)
 
     # -- creation and loading -------------------------------------------------------------
     @classmethod
@@ -142,7 +143,7 @@ class Run:
         """Open or start the run directory for a full configuration (a new, empty or run folder only: see ownership)."""
         from .ownership import claim_run_dir
 
-        path = claim_run_dir(path or default_run_dir(), (cfg.data.source, cfg.data.eval_source))
+        path = claim_run_dir(path or default_run_dir(), (cfg.data.source, cfg.data.eval_source, *(cfg.data.unlabeled or [])))
         if cfg.teacher is None:
             if cfg.data.source != "mnist1d":
                 raise CompressError("--data needs --teacher", hint="the built-in demo teacher only fits the built-in 'mnist1d' data")
@@ -165,6 +166,9 @@ class Run:
             "teacher": teacher_input,
             "data": {"source": cfg.data.source, "fingerprint": _data_fingerprint(cfg.data.source)},
         }
+        if cfg.data.unlabeled:
+            cfg.data.unlabeled = [str(Path(u).resolve()) if Path(u).exists() else u for u in cfg.data.unlabeled]
+            inputs["unlabeled"] = [{"source": u, "fingerprint": _data_fingerprint(u)} for u in cfg.data.unlabeled]
         if cfg.data.eval_source:
             inputs["eval_data"] = {"source": cfg.data.eval_source, "fingerprint": _data_fingerprint(cfg.data.eval_source)}
         old = cls._read(path) if (path / MANIFEST).exists() else None
@@ -314,8 +318,10 @@ class Run:
         from .data import load_data
 
         cfg = self.config.data
-        for key, src in (("data", cfg.source), ("eval_data", cfg.eval_source)):  # the same rows the run was made from, or an error
-            recorded = self.manifest["inputs"].get(key)
+        recorded_unlabeled = self.manifest["inputs"].get("unlabeled") or []
+        sources = [("data", cfg.source, self.manifest["inputs"].get("data")), ("eval_data", cfg.eval_source, self.manifest["inputs"].get("eval_data"))]
+        sources += [("unlabeled", u, r) for u, r in zip(cfg.unlabeled or [], recorded_unlabeled)]
+        for key, src, recorded in sources:  # the same rows the run was made from, or an error
             if isinstance(recorded, dict) and src and recorded.get("fingerprint") != _data_fingerprint(src):
                 gone = src != "mnist1d" and not Path(src).exists()
                 raise CompressError(f"data {src} {'no longer exists' if gone else 'changed since this run started'}",

@@ -280,7 +280,7 @@ def test_image_mean_std(tmp_path):
     _folder(tmp_path / "test", n=1)
     plain = load_data(DataConfig(source=str(root)))
     norm = load_data(DataConfig(source=str(root), mean=[0.5], std=[0.25]))
-    np.testing.assert_allclose(norm.x, (plain.x - 0.5) / 0.25, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(norm.x), (np.asarray(plain.x) - 0.5) / 0.25, atol=1e-6)
     with pytest.raises(CompressError, match="std"):
         load_data(DataConfig(source=str(root), mean=[0.5], std=[0.0]))
 
@@ -408,7 +408,7 @@ def test_palette_cmyk_and_alpha_colour_images(tmp_path):
     pal.save(root / "a" / "4_palette_transparent.png", transparency=0)
     ds = load_data(DataConfig(source=str(root), eval_source=str(root)))
     assert ds.x.shape[1:] == (3, 2, 2)
-    got = dict(zip(sorted(p.name for p in (root / "a").iterdir()), ds.x_test.transpose(0, 2, 3, 1)))
+    got = dict(zip(sorted(p.name for p in (root / "a").iterdir()), np.asarray(ds.x_test).transpose(0, 2, 3, 1)))
     want = rgb.astype(np.float32) / 255
     for name in ("0_rgb.png", "1_palette.png", "2_rgba.png", "4_palette_transparent.png"):
         np.testing.assert_allclose(got[name], want, atol=1e-6, err_msg=name)
@@ -437,12 +437,13 @@ def test_images_whose_scale_is_unknown_are_errors_not_clipped(tmp_path):
     root = tmp_path / "odd"
     (root / "a").mkdir(parents=True)
     Image.fromarray(np.array([[0.0, 2.5]], np.float32)).save(root / "a" / "0.tif")
+    # found when the image is decoded (images stream from disk: the teacher's pass over the pool, before any training)
     with pytest.raises(CompressError, match=r"0\.tif holds floats \(mode F\) from 0 to 2\.5"):
-        load_data(DataConfig(source=str(root), eval_source=str(root)))
+        np.asarray(load_data(DataConfig(source=str(root), eval_source=str(root))).x)
     (root / "a" / "0.tif").unlink()
     Image.fromarray(np.array([[0, 70000]], np.int32), "I").save(root / "a" / "1.tif")
     with pytest.raises(CompressError, match=r"1\.tif holds integers .* outside 0\.\.65535"):
-        load_data(DataConfig(source=str(root), eval_source=str(root)))
+        np.asarray(load_data(DataConfig(source=str(root), eval_source=str(root))).x)
 
 
 def _bomb_folder(root: Path, first: bool) -> Path:

@@ -177,7 +177,8 @@ def batch_sweep(runners: list, run, cfg: BenchConfig) -> None:
         points = []
         with runner:
             for b in cfg.batch_sweep:
-                x = np.ascontiguousarray(np.resize(run.data.x_test, (b,) + run.data.x_test.shape[1:]))
+                xt = run.data.x_test
+                x = np.ascontiguousarray(xt[np.arange(b) % len(xt)])
                 lat = measure(lambda: runner.infer(x), warmup_ms=cfg.warmup_ms / 2, warmup_runs=3, min_runs=max(10, cfg.min_runs // 10),
                               min_duration_s=cfg.min_duration_s / 3)
                 points.append({"batch": int(b), "p50_ms": lat["p50"], "items_per_s": 1e3 * b / lat["p50"] if lat["p50"] > 0 else 0.0})

@@ -12,7 +12,8 @@ def load_data(cfg: DataConfig, *, teacher_input_shape: tuple | None = None, cach
     """Load and validate the data named by cfg.source."""
     src = cfg.source
     image_only = [flag for flag, v in (("--image-size", cfg.image_size), ("--channels", cfg.channels), ("--mean", cfg.mean),
-                                        ("--std", cfg.std)) if v is not None]
+                                        ("--std", cfg.std), ("--unlabeled", cfg.unlabeled), ("--resize", cfg.resize),
+                                        ("--crop", cfg.crop)) if v is not None]
     if image_only and not (src != "mnist1d" and Path(src).is_dir()):
         raise CompressError(f"{', '.join(image_only)} apply to image folders only, but --data {src} is not a folder",
                             hint="arrays from an .npz (or mnist1d) are used as stored: normalise them before saving, or drop those flags")

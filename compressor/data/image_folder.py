@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -88,14 +89,30 @@ def _open(f: Path, limit: int | None):
     return im
 
 
-def _pixels(im, f: Path, size: tuple[int, int], channels: int) -> np.ndarray:
-    """One image as float32 (channels, H, W) in [0, 1], EXIF-oriented, at `size` (bilinear)."""
+def _fit(im, size: tuple[int, int], resize: int | None):
+    """The PIL image at `size` (H, W): resized to it (bilinear); or, with resize, its shorter side scaled to `resize`
+    (bilinear) and the centre `size` cut out, the usual ImageNet evaluation transform."""
+    from PIL import Image
+
+    hw = (size[1], size[0])
+    if resize is None:
+        return im if im.size == hw else im.resize(hw, Image.BILINEAR)
+    w, h = im.size
+    scale = resize / min(w, h)
+    nw, nh = max(hw[0], round(w * scale)), max(hw[1], round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - hw[0]) // 2, (nh - hw[1]) // 2
+    return im.crop((left, top, left + hw[0], top + hw[1]))
+
+
+def _pixels(im, f: Path, size: tuple[int, int], channels: int, resize: int | None = None) -> np.ndarray:
+    """One image as float32 (channels, H, W) in [0, 1], EXIF-oriented, at `size` (bilinear; see _fit for resize)."""
     from PIL import Image, ImageOps
 
     if _orientation(im) != 1:  # most files have none: skip exif_transpose's copy
         im = ImageOps.exif_transpose(im)
     mode = im.mode
-    hw = (size[1], size[0])
     if mode in HIGH_BIT_MODES:
         a = np.asarray(im)
         if mode == "F":
@@ -108,9 +125,7 @@ def _pixels(im, f: Path, size: tuple[int, int], channels: int) -> np.ndarray:
                 raise CompressError(f"image {f} holds integers (mode {mode}) from {int(a.min())} to {int(a.max())}, outside 0..65535; "
                                     "their scale is unknown", hint="save it as an 8- or 16-bit image")
             a = a.astype(np.float32) / MAX_16BIT
-        g = Image.fromarray(np.ascontiguousarray(a, np.float32))  # mode F: bilinear in float, no 8-bit rounding
-        if g.size != hw:
-            g = g.resize(hw, Image.BILINEAR)
+        g = _fit(Image.fromarray(np.ascontiguousarray(a, np.float32)), size, resize)  # mode F: bilinear in float, no 8-bit rounding
         a = np.asarray(g, np.float32)[None]
         return np.repeat(a, 3, axis=0) if channels == 3 else a
     if mode not in EIGHT_BIT_MODES:
@@ -119,33 +134,117 @@ def _pixels(im, f: Path, size: tuple[int, int], channels: int) -> np.ndarray:
         im = im.convert("RGBA")
     elif mode == "La":
         im = im.convert("LA")
-    im = im.convert("L" if channels == 1 else "RGB")
-    if im.size != hw:
-        im = im.resize(hw, Image.BILINEAR)
+    im = _fit(im.convert("L" if channels == 1 else "RGB"), size, resize)
     a = np.asarray(im, np.float32) / 255.0
     return a[None] if channels == 1 else a.transpose(2, 0, 1)
 
 
-def read_images(items, size: tuple[int, int], channels: int, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) for [(image file, class index)]: pixels (N, channels, *size) in [0, 1] (then --mean/--std), int64 labels."""
-    limit = cfg.max_image_pixels
-    x = np.empty((len(items), channels, size[0], size[1]), np.float32)
-    with _pixel_limit(limit):
-        for n, (f, _) in enumerate(items):
+def _normalisation(cfg: DataConfig, channels: int):
+    """(mean, std) shaped (C, 1, 1) from --mean/--std, or None when neither is given."""
+    if cfg.mean is None and cfg.std is None:
+        return None
+    mean = np.asarray(cfg.mean if cfg.mean is not None else [0.0] * channels, np.float32).reshape(-1, 1, 1)
+    std = np.asarray(cfg.std if cfg.std is not None else [1.0] * channels, np.float32).reshape(-1, 1, 1)
+    if mean.shape[0] not in (1, channels) or std.shape[0] not in (1, channels) or (std <= 0).any():
+        raise CompressError(f"--mean/--std need 1 or {channels} values, std > 0")
+    return mean, std
+
+
+class ImageDecoder:
+    """Image i of a fixed list of files as float32 (channels, *size), scaled to [0, 1] then --mean/--std. The paths are
+    kept in one bytes array, not a list of Python strings: DataLoader workers that only read them never copy the pages
+    that hold them (a list's reference counts would be written to, page by page, in every worker)."""
+
+    def __init__(self, files, size: tuple[int, int], channels: int, cfg: DataConfig):
+        self.files = np.array([os.fsencode(str(f)) for f in files]) if len(files) else np.zeros(0, "S1")
+        self.size, self.channels, self.resize, self.limit = tuple(size), channels, cfg.resize, cfg.max_image_pixels
+        self.norm = _normalisation(cfg, channels)
+
+    def __call__(self, i: int) -> np.ndarray:
+        f = Path(os.fsdecode(self.files[i]))
+        with _pixel_limit(self.limit):
             try:
-                with _open(f, limit) as im:
-                    x[n] = _pixels(im, f, size, channels)
+                with _open(f, self.limit) as im:
+                    a = _pixels(im, f, self.size, self.channels, self.resize)
             except CompressError:
                 raise
             except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt pixel data, found while decoding
                 raise CompressError(f"cannot read image {f}: {exc}", hint="remove or replace the file") from None
-    if cfg.mean is not None or cfg.std is not None:
-        mean = np.asarray(cfg.mean if cfg.mean is not None else [0.0] * channels, np.float32).reshape(-1, 1, 1)
-        std = np.asarray(cfg.std if cfg.std is not None else [1.0] * channels, np.float32).reshape(-1, 1, 1)
-        if mean.shape[0] not in (1, channels) or std.shape[0] not in (1, channels) or (std <= 0).any():
-            raise CompressError(f"--mean/--std need 1 or {channels} values, std > 0")
-        x = (x - mean) / std
+        if self.norm is not None:
+            a = (a - self.norm[0]) / self.norm[1]
+        return a
+
+
+def read_images(items, size: tuple[int, int], channels: int, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) for [(image file, class index)] decoded into memory at once: pixels (N, channels, *size) in [0, 1] (then
+    --mean/--std), int64 labels. The pipeline streams instead (image_rows); this is for small sets and measurements."""
+    dec = ImageDecoder([f for f, _ in items], size, channels, cfg)
+    x = np.empty((len(items), channels, size[0], size[1]), np.float32)
+    for n in range(len(items)):
+        x[n] = dec(n)
     return x, np.asarray([c for _, c in items], np.int64)
+
+
+def image_rows(files, size: tuple[int, int], channels: int, cfg: DataConfig):
+    """The images as a LazyRows (N, channels, *size) float32, decoded when read (in DataLoader workers for batches)."""
+    from .streaming import LazyRows
+
+    return LazyRows(ImageDecoder(files, size, channels, cfg), len(files), (channels, *size), workers=cfg.workers)
+
+
+def scan_unlabeled(dirs, data_root: Path) -> list[Path]:
+    """Every image below each --unlabeled folder (any nesting, no class folders), sorted; a folder inside the labeled
+    --data (where it would be read as a class) or holding it is refused, and so is one without images."""
+    files = []
+    for d in dirs:
+        p = Path(d)
+        if not p.is_dir():
+            raise CompressError(f"--unlabeled {p} {'does not exist' if not p.exists() else 'is not a folder'}", hint="give a folder of images")
+        a, b = p.resolve(), data_root.resolve()
+        if a == b or b in a.parents or a in b.parents:
+            raise CompressError(f"--unlabeled {p} overlaps the labeled --data {data_root}: its images would be read twice, or as a class",
+                                hint="keep unlabeled images in a folder beside the labeled one, e.g. data/train and data/unlabeled")
+        found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not found:
+            raise CompressError(f"--unlabeled {p} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        files += found
+    return files
+
+
+def _check_headers(files, limit: int | None) -> None:
+    """Open every image's header (no pixels decoded): a file that is no image, or a decompression bomb, is refused now,
+    not an hour into training. A few seconds for tens of thousands of images."""
+    with _pixel_limit(limit):
+        for f in files:
+            _open(Path(f), limit).close()
+
+
+def _geometry(cfg: DataConfig, teacher_input_shape: tuple | None, first: Path) -> tuple[int, tuple[int, int]]:
+    """(channels, (H, W)): flags first (--crop M is M x M), then the teacher's declared input (N, C, H, W), then the first image."""
+    if cfg.crop is not None and cfg.image_size:
+        raise CompressError("give either --image-size or --crop, not both", hint="--resize N --crop M is the ImageNet evaluation transform; --image-size HxW a plain resize")
+    channels = cfg.channels
+    size = (cfg.crop, cfg.crop) if cfg.crop is not None else tuple(cfg.image_size) if cfg.image_size else None
+    if teacher_input_shape is not None and len(teacher_input_shape) == 4:
+        c, h, w = teacher_input_shape[1:]
+        channels = channels or (c if isinstance(c, int) else None)
+        if size is None and isinstance(h, int) and isinstance(w, int):
+            size = (h, w)
+    if cfg.resize is not None and size is None:
+        raise CompressError("--resize needs --crop (or a teacher that declares its input size)", hint="e.g. --resize 256 --crop 224")
+    if channels is None or size is None:
+        with _pixel_limit(cfg.max_image_pixels), _open(first, cfg.max_image_pixels) as im:
+            channels = channels or (1 if im.mode in GREY_MODES else 3)
+            # the size after EXIF orientation: a quarter turn swaps width and height
+            turned = _orientation(im) in (5, 6, 7, 8)
+            size = size or ((im.size[0], im.size[1]) if turned else (im.size[1], im.size[0]))
+    if channels not in (1, 3):
+        raise CompressError(f"--channels must be 1 or 3, got {channels}")
+    err = _too_big(f"the image size {size[0]}x{size[1]} (HxW, from --image-size, --crop, the teacher's input or the first image)",
+                   size[0] * size[1], cfg.max_image_pixels)
+    if err is not None:  # every image is resized to it: a size over the limit is refused like an image over it
+        raise err
+    return channels, size
 
 
 def _heldout_root(root: Path, cfg: DataConfig) -> Path | None:
@@ -162,40 +261,30 @@ def _heldout_root(root: Path, cfg: DataConfig) -> Path | None:
 
 
 def load_image_folder(cfg: DataConfig, teacher_input_shape: tuple | None):
-    """Images scaled to [0,1] (then --mean/--std), sized and coloured as the teacher expects."""
+    """The folder's images (and the --unlabeled ones, label -1) as rows decoded on demand, never held in memory as floats;
+    held out: a sibling test/ (or --eval-data) folder, else a stratified split of the labeled images."""
     root = Path(cfg.source)
     classes, items = scan_image_folder(root)
-    # Size and channels: flags first, then the teacher's declared input (N, C, H, W), then the first image.
-    channels, size = cfg.channels, tuple(cfg.image_size) if cfg.image_size else None
-    if teacher_input_shape is not None and len(teacher_input_shape) == 4:
-        c, h, w = teacher_input_shape[1:]
-        channels = channels or (c if isinstance(c, int) else None)
-        if size is None and isinstance(h, int) and isinstance(w, int):
-            size = (h, w)
-    if channels is None or size is None:
-        with _pixel_limit(cfg.max_image_pixels), _open(items[0][0], cfg.max_image_pixels) as im:
-            channels = channels or (1 if im.mode in GREY_MODES else 3)
-            # the size after EXIF orientation: a quarter turn swaps width and height
-            turned = _orientation(im) in (5, 6, 7, 8)
-            size = size or ((im.size[0], im.size[1]) if turned else (im.size[1], im.size[0]))
-    if channels not in (1, 3):
-        raise CompressError(f"--channels must be 1 or 3, got {channels}")
-    err = _too_big(f"the image size {size[0]}x{size[1]} (HxW, from --image-size, the teacher's input or the first image)",
-                   size[0] * size[1], cfg.max_image_pixels)
-    if err is not None:  # every image is resized to it: a size over the limit is refused like an image over it
-        raise err
-    x, y = read_images(items, size, channels, cfg)
+    unlabeled = scan_unlabeled(cfg.unlabeled or [], root)
+    channels, size = _geometry(cfg, teacher_input_shape, items[0][0])
+    files = [f for f, _ in items] + unlabeled
+    y = np.asarray([c for _, c in items] + [-1] * len(unlabeled), np.int64)
     held_root = _heldout_root(root, cfg)
+    held_items = []
     if held_root is not None:
         held_classes, held_items = scan_image_folder(held_root)
         unknown = set(held_classes) - set(classes)
         if unknown:
             raise CompressError(f"held-out folder {held_root} has classes not in {root}: {sorted(unknown)}")
         remap = {i: classes.index(c) for i, c in enumerate(held_classes)}
-        xt, yt = read_images(held_items, size, channels, cfg)
-        yt = np.asarray([remap[int(v)] for v in yt], np.int64)
-        return Dataset(x, y, xt, yt, "folder", str(root), class_names=classes)
+        held_items = [(f, remap[c]) for f, c in held_items]
+    _check_headers(files + [f for f, _ in held_items], cfg.max_image_pixels)
+    x = image_rows(files, size, channels, cfg)
+    if held_root is not None:
+        xt = image_rows([f for f, _ in held_items], size, channels, cfg)
+        return Dataset(x, y, xt, np.asarray([c for _, c in held_items], np.int64), "folder", str(root), class_names=classes)
     keep, held = stratified_split(y, cfg.heldout_fraction, cfg.seed)
     if len(held) == 0:
         raise CompressError(f"image folder {root}: too few images to hold any out", hint="add a sibling test/ folder or --eval-data")
-    return Dataset(x[keep], y[keep], x[held], y[held], "split", str(root), class_names=classes)
+    keep = np.sort(np.concatenate([keep, np.flatnonzero(y < 0)]))  # unlabeled images all stay in the training pool
+    return Dataset(x.take(keep), y[keep], x.take(held), y[held], "split", str(root), class_names=classes)

@@ -230,10 +230,12 @@ def _save_cache(path, key: str, cache: dict) -> None:
 def _scores(module, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
     import torch
 
+    from ..data.streaming import iter_batches
+
     module.eval()
     with torch.inference_mode():
-        return np.concatenate([module(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size]))).float().numpy()
-                               for i in range(0, len(x), batch_size)]) if len(x) else np.zeros((0, 1), np.float32)
+        return np.concatenate([module(torch.from_numpy(np.ascontiguousarray(xb))).float().numpy()
+                               for xb in iter_batches(x, batch_size)]) if len(x) else np.zeros((0, 1), np.float32)
 
 
 class _Queries:
@@ -289,12 +291,14 @@ class _Queries:
 
     def _select(self, r: int, size: int, entry: dict) -> np.ndarray:
         """Round 1: a stratified random sample of the pool (or all of it); later rounds: the rows the student is least sure of."""
+        from ..data.streaming import take
+
         remaining = np.setdiff1d(self.pool, self.queried)
         if r == 1:
             rows = stratified_sample(remaining, self.ds.y, size, self.dcfg.seed) if size < len(remaining) else remaining
             entry["selection"], how = ("random", "a stratified random sample") if size < len(remaining) else ("all", "every pool row")
         else:
-            rows = remaining[np.sort(select_uncertain(_scores(self.scorer, self.ds.x[remaining]), size, self.dcfg.query_strategy))]
+            rows = remaining[np.sort(select_uncertain(_scores(self.scorer, take(self.ds.x, remaining)), size, self.dcfg.query_strategy))]
             entry["selection"], how = self.dcfg.query_strategy, f"the rows the student is least sure of ({self.dcfg.query_strategy})"
         entry["how"] = how
         return rows

@@ -57,7 +57,9 @@ def save_code_free(run, outputs: dict, results: dict) -> tuple[dict, dict]:
         row, pred, _, _ = teacher_row(run, teacher, bcfg, results["num_classes"])
         queries = {"rows": teacher.rows - rows0, "calls": teacher.calls - calls0, "cached": False}
     else:
-        pred, row = teacher.to("cpu").logits(ds.x_test, batch_size=bcfg.eval_batch_size).argmax(1), None
+        from .teacher_pass import heldout_classes
+
+        pred, row = heldout_classes(run, teacher, ds), None
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, pred=np.asarray(pred, np.int64), key=np.array(key), row=np.array(json.dumps(row)))

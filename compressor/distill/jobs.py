@@ -29,7 +29,9 @@ def validation_split(ds, dcfg) -> Split:
     if len(val) == 0:
         raise CompressError("too few labeled rows to carve out a validation split", hint="label more rows (each class needs at least 2 labeled rows)")
     train_rows = np.setdiff1d(np.arange(len(ds.y)), val)
-    return Split(train_rows, val, np.intersect1d(train_rows, labeled), ds.x[val], ds.y[val])
+    from ..data.streaming import take
+
+    return Split(train_rows, val, np.intersect1d(train_rows, labeled), take(ds.x, val), ds.y[val])
 
 
 def student_factory(dcfg, ds, teacher):
@@ -66,11 +68,12 @@ def preflight(run, student, ds) -> dict | None:
 def train_job(run, name: str, module, rows, tlogits, split: Split, jcfg, *, steps: int, loss: str, resume: bool,
               ckpt: str | None = None, **kw):
     """Train one job (the student, the baseline, a round's student) on the pool's rows; returns (module, TrainResult)."""
+    from ..data.streaming import take
     from .trainer import train_student
 
     ds = run.data
     say(f"distill: training {name} ({loss}{', teacher online' if kw.get('online_teacher') else ''}) for {steps} steps on {len(rows)} rows")
-    return train_student(module, ds.x[rows], ds.y[rows], tlogits, split.x_val, split.y_val, jcfg, steps=steps,
+    return train_student(module, take(ds.x, rows), ds.y[rows], tlogits, split.x_val, split.y_val, jcfg, steps=steps,
                          checkpoint=run.path("checkpoints") / (ckpt or f"{name}.ckpt"), label=name, resume=resume, loss_name=loss, **kw)
 
 

@@ -167,7 +167,7 @@ def quantization_aware_distill(run, chosen: dict, calib: np.ndarray, val, cfg, w
     except CompressError as exc:  # a black box, or a teacher that needs code: not run again in a later stage
         return {"skipped": str(exc)}, None
     targets = torch.from_numpy(np.array(targets, np.float32))
-    x_all = torch.from_numpy(np.ascontiguousarray(ds.x))
+    x_all = ds.x  # indexed per step: an image folder's rows are decoded only when a batch asks for them
     temp = float(dcfg.temperature)
     bounds = [p for m in fq for p in (m.a, m.b)]
     weights = [p for n, p in student.named_parameters() if not n.endswith((".a", ".b"))]
@@ -179,7 +179,7 @@ def quantization_aware_distill(run, chosen: dict, calib: np.ndarray, val, cfg, w
             m.eval()
     for _ in range(cfg.qat_steps):
         idx = torch.randint(0, len(x_all), (min(dcfg.batch_size, len(x_all)),), generator=g)
-        out = student(x_all[idx])
+        out = student(torch.from_numpy(np.ascontiguousarray(x_all[idx.numpy()])))
         loss = F.kl_div(F.log_softmax(out / temp, 1), F.softmax(targets[idx] / temp, 1), reduction="batchmean") * temp * temp
         opt.zero_grad(set_to_none=True)
         loss.backward()

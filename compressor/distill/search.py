@@ -230,7 +230,9 @@ def search_for_distill(run, dcfg, teacher, ds, train_rows, x_val, y_val, pool_lo
     # what a finished trial's result depends on: everything but the number of trials and the baseline
     key = sha256_json({"inputs": run.manifest["inputs"], "data": cfg["data"], "teacher_arch": cfg.get("teacher_arch"), "steps": steps,
                        "distill": {k: v for k, v in dcfg.to_dict().items() if k not in ("search", "baseline")}, "space": SPACE})
-    x, y = ds.x[train_rows], ds.y[train_rows]
+    from ..data.streaming import take
+
+    x, y = take(ds.x, train_rows), ds.y[train_rows]
     cached = [pool_logits]
 
     def trial_fn(number: int, overrides: dict, report) -> float:

@@ -26,7 +26,7 @@ def claim_out(cfg, out) -> Path:
         raise CompressError(f"teacher {t} does not exist" if not Path(t).exists() else f"teacher {t} is not a file")
     if cfg.data.source != "mnist1d" and not Path(cfg.data.source).exists():
         raise CompressError(f"data {cfg.data.source} does not exist", hint="pass an .npz file, an image folder, or 'mnist1d'")
-    return claim_run_dir(Path(out) if out else default_run_dir(), (cfg.data.source, cfg.data.eval_source))
+    return claim_run_dir(Path(out) if out else default_run_dir(), (cfg.data.source, cfg.data.eval_source, *(cfg.data.unlabeled or [])))
 
 
 def distill_stage(cfg, path: Path, force: bool, resume: bool):
@@ -76,7 +76,8 @@ def distill_whitebox(run, resume: bool) -> tuple[dict, dict]:
 
     from ..models.outputs import output_note, resolve_teacher_output
     from .jobs import check_student_output, preflight, save_trained, student_factory, summary, validation_split
-    from .teacher_pass import teacher_online, teacher_pool_logits
+    from ..data.streaming import is_lazy
+    from .teacher_pass import heldout_classes, teacher_online, teacher_pool_logits
     from .trainer import budget_steps
 
     dcfg = run.config.distill
@@ -95,6 +96,8 @@ def distill_whitebox(run, resume: bool) -> tuple[dict, dict]:
     pool_logits, teacher_seconds = (None, 0.0) if online else teacher_pool_logits(run, teacher, ds, dcfg)
     split = validation_split(ds, dcfg)
     steps = budget_steps(dcfg, len(split.train_rows))
+    if is_lazy(ds.x_test):  # held-out images on disk: decoded (and the teacher's answers kept) before any step, so a bad file fails now
+        heldout_classes(run, teacher, ds)
 
     results, outputs = {}, {}
     scfg = dcfg  # the student's settings; with --search, the best trial's (the baseline keeps dcfg's)

@@ -35,7 +35,7 @@ def teacher_pool_logits(run, teacher, ds, dcfg) -> tuple[np.ndarray, float | Non
     resolve_teacher_output(teacher, ds.x, dcfg.teacher_output)  # done once per teacher (already, in the distill stage)
     say(f"distill: running the teacher ({teacher.format}) on {len(ds.x)} training rows")
     t0 = time.perf_counter()
-    pool_logits = teacher.to(pick_device(dcfg.device)).logits(ds.x, batch_size=4 * dcfg.batch_size)
+    pool_logits = logits_over(teacher.to(pick_device(dcfg.device)), ds.x, 4 * dcfg.batch_size)
     seconds = time.perf_counter() - t0
     teacher.to("cpu")
     bad = ~np.isfinite(pool_logits).all(axis=1)
@@ -47,6 +47,40 @@ def teacher_pool_logits(run, teacher, ds, dcfg) -> tuple[np.ndarray, float | Non
             np.save(fh, pool_logits)
     write_text(key_file, key)
     return pool_logits, seconds
+
+
+def logits_over(teacher, x, batch_size: int) -> np.ndarray:
+    """The teacher's outputs for every row of x; rows on disk are decoded a batch at a time in worker processes while the
+    teacher runs, with a progress bar (tens of thousands of images take minutes)."""
+    from ..data.streaming import is_lazy, iter_batches
+
+    if not is_lazy(x):
+        return teacher.logits(x, batch_size=batch_size)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ..errors import rich_text
+
+    outs = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True,
+                  disable=not _interactive()) as bar:
+        task = bar.add_task(rich_text("teacher pass"), total=len(x))
+        for xb in iter_batches(x, batch_size):
+            outs.append(teacher.logits(xb, batch_size=batch_size))
+            bar.advance(task, len(xb))
+    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+def heldout_classes(run, teacher, ds) -> np.ndarray:
+    """The teacher's class for each held-out row, computed once per process (run.computed)."""
+    if "teacher_heldout_classes" not in run.computed:
+        run.computed["teacher_heldout_classes"] = logits_over(teacher.to("cpu"), ds.x_test, run.config.bench.eval_batch_size).argmax(1)
+    return run.computed["teacher_heldout_classes"]
+
+
+def _interactive() -> bool:
+    import sys
+
+    return sys.stderr.isatty()
 
 
 def online_teacher(teacher, student, sample: np.ndarray, dcfg) -> dict:

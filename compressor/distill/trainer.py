@@ -63,13 +63,20 @@ def _batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
 
 
 def _accuracy(module, x, y, device, batch_size=2048) -> float:
+    """Accuracy on (x, y): tensors on the device, or rows on disk (LazyRows) decoded a batch at a time."""
     import torch
+
+    from ..data.streaming import is_lazy, iter_batches
 
     module.eval()
     correct = 0
     with torch.inference_mode():
-        for i in range(0, len(x), batch_size):
-            correct += int((module(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+        if is_lazy(x):
+            batches = (torch.from_numpy(xb).to(device) for xb in iter_batches(x, batch_size))
+        else:
+            batches = (x[i:i + batch_size] for i in range(0, len(x), batch_size))
+        for i, xb in zip(range(0, len(x), batch_size), batches):
+            correct += int((module(xb).argmax(1) == y[i:i + batch_size]).sum())
     module.train()
     return correct / max(1, len(x))
 
@@ -261,10 +268,16 @@ class _Trainer:
         self.preset, self.mixing = _augmentation(cfg, x, teacher_logits, online_teacher, label)
         module = module.to(device)
         self.hint = hint.to(device) if hint is not None else None
+        from ..data.streaming import is_lazy
+
         self.rows = len(x)
-        self.xt, self.yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-        self.tt = torch.from_numpy(teacher_logits).to(device) if teacher_logits is not None else None
-        self.xv, self.yv = torch.from_numpy(x_val).to(device), torch.from_numpy(y_val).to(device)
+        # rows on disk (an image folder) stay there: each step's batch is decoded ahead by DataLoader workers (_batch)
+        self.lazy, self.stream = is_lazy(x), None
+        self.xt = x if self.lazy else torch.from_numpy(x).to(device)
+        self.yt = torch.from_numpy(y).to(device)
+        self.tt = torch.from_numpy(np.asarray(teacher_logits)).to(device) if teacher_logits is not None else None
+        self.xv = x_val if is_lazy(x_val) else torch.from_numpy(x_val).to(device)
+        self.yv = torch.from_numpy(y_val).to(device)
 
         self.module, self.raw, self.params = _distributed(module, self.hint, device, self.world)
         self.fwd = torch.compile(self.module) if cfg.compile and device.startswith("cuda") else self.module
@@ -366,16 +379,38 @@ class _Trainer:
         cfg = self.cfg
         gidx = _batch_indices(self.step, self.rows, cfg.batch_size, cfg.seed)
         idx = torch.from_numpy(gidx).to(self.device)
-        xb, yb = self.xt[idx], self.yt[idx]
-        if self.preset != "none" or self.mixing:
-            xb, yb = self._augment(xb, yb)
         share = slice(self.rank, None, self.world)  # this rank's rows of the global batch
-        xb, yb = xb[share], yb[share]
+        whole = self.preset != "none" or self.mixing  # augmentation and mixing work on the whole global batch
+        if self.lazy:
+            xb, yb = self._stream_rows(whole), self.yt[idx]
+            if not whole:  # the stream decoded this rank's share only
+                yb = yb[share]
+        else:
+            xb, yb = self.xt[idx], self.yt[idx]
+        if whole:
+            xb, yb = self._augment(xb, yb)
+        if whole or not self.lazy:
+            xb, yb = xb[share], yb[share]
         if self.online_teacher is not None:
             tb = self.online_teacher(xb)
         else:
             tb = self.tt[idx][share] if self.tt is not None else None
         return gidx, xb, yb, tb
+
+    def _stream_rows(self, whole: bool):
+        """This step's rows decoded ahead in worker processes: the whole global batch, or this rank's share of it."""
+        import torch
+
+        from ..data.streaming import BatchStream
+
+        if self.stream is None:
+            cfg, rank, world = self.cfg, self.rank, self.world
+
+            def plan(step):
+                g = _batch_indices(step, self.rows, cfg.batch_size, cfg.seed)
+                return g if whole else g[rank::world]
+            self.stream = BatchStream(self.xt, plan, self.step, self.steps)
+        return torch.from_numpy(self.stream.next_rows()).to(self.device)
 
     def _augment(self, xb, yb):
         """The global batch augmented and mixed: the same seeded view on every rank and after a resume."""

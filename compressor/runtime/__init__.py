@@ -209,4 +209,6 @@ class TeacherRunner(Runner):
 
 def infer_batched(runner: Runner, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """Run every row of x through the runner in batches; returns float32 outputs."""
-    return np.concatenate([np.asarray(runner.infer(np.ascontiguousarray(x[i:i + batch_size])), np.float32) for i in range(0, len(x), batch_size)])
+    from ..data.streaming import iter_batches  # an image folder's rows are decoded in worker processes, a batch at a time
+
+    return np.concatenate([np.asarray(runner.infer(np.ascontiguousarray(xb)), np.float32) for xb in iter_batches(x, batch_size)])

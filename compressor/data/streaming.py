@@ -1,0 +1,184 @@
+"""Rows that live on disk and are decoded when read: an image folder is a list of paths, never a float array of the whole
+set in memory. `LazyRows` behaves like the (N, ...) float32 array it stands for where the pipeline indexes it (an int, a
+slice or an index array gives decoded rows; `take` gives a lazy subset), and `iter_batches`/`BatchStream` decode
+batches in DataLoader worker processes, so memory does not grow with the number of rows and decoding runs on every core."""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from ..errors import CompressError
+
+
+ARRAY_MAX_BYTES = 2 << 30  # np.asarray(rows) decodes everything at once only below this
+
+
+def default_workers() -> int:
+    """DataLoader workers when --workers is not given: the cores this process may use, at most 8 (0 on one core)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return 0 if cores <= 1 else min(8, cores)
+
+
+class LazyRows:
+    """N rows of shape `row_shape`, made by `decode(i)` for i in `index` (positions in the source's list of files)."""
+
+    lazy = True
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, decode, n_source: int, row_shape: tuple[int, ...], index: np.ndarray | None = None, workers: int | None = None):
+        self.decode, self.n_source, self.row_shape = decode, n_source, tuple(row_shape)
+        self.index = np.arange(n_source, dtype=np.int64) if index is None else np.asarray(index, np.int64)
+        self.workers = default_workers() if workers is None else int(workers)
+
+    # --- the array it stands for ----------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index), *self.row_shape)
+
+    @property
+    def ndim(self) -> int:
+        return 1 + len(self.row_shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __getitem__(self, key) -> np.ndarray:
+        """Decoded rows: x[i] is one row, x[a:b] and x[[i, j]] are (n, ...) arrays, as numpy indexing gives them."""
+        if isinstance(key, tuple):  # x[rows, ...]: decode the rows, then index the rest
+            if isinstance(key[0], (int, np.integer)):
+                return self[key[0]][key[1:]]
+            return self[key[0]][(slice(None), *key[1:])]
+        if isinstance(key, (int, np.integer)):
+            return self.decode(int(self.index[key]))
+        rows = self.index[key]
+        out = np.empty((len(rows), *self.row_shape), self.dtype)
+        for n, i in enumerate(rows):
+            out[n] = self.decode(int(i))
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        """Every row decoded into one array: for small sets (tests, a quick look). The pipeline never asks for this; a set
+        too large to hold in memory is refused rather than swapped to death."""
+        nbytes = self.size * self.dtype.itemsize
+        if nbytes > ARRAY_MAX_BYTES:
+            raise MemoryError(f"LazyRows: {len(self)} rows would need {nbytes / 2**30:.1f} GiB as one array; index slices or use iter_batches")
+        out = self[:]
+        return out.astype(dtype) if dtype is not None else out
+
+    def min(self) -> float:
+        return min((float(b.min()) for b in iter_batches(self, 256)), default=0.0)
+
+    def max(self) -> float:
+        return max((float(b.max()) for b in iter_batches(self, 256)), default=0.0)
+
+    def take(self, rows) -> "LazyRows":
+        """The rows at these positions, still undecoded."""
+        return LazyRows(self.decode, self.n_source, self.row_shape, self.index[np.asarray(rows)], self.workers)
+
+    def __repr__(self) -> str:
+        return f"LazyRows({len(self)} rows of {self.row_shape}, {self.workers} workers)"
+
+
+def is_lazy(x) -> bool:
+    return getattr(x, "lazy", False) is True
+
+
+def take(x, rows):
+    """x[rows] without decoding anything when x is lazy (a view on the same files), else numpy's fancy indexing."""
+    return x.take(rows) if is_lazy(x) else x[rows]
+
+
+# --- decoding in DataLoader workers ---------------------------------------------------------------------------------------
+class _Failed:
+    """A row a worker could not decode: the error crosses back to the main process as data, so it stays one clean line."""
+
+    def __init__(self, exc: CompressError):
+        self.message, self.hint, self.kind = exc.message, exc.hint, exc.kind
+
+
+class _Rows:
+    """A map-style torch Dataset over a LazyRows: item i is row i decoded (or the reason it could not be)."""
+
+    def __init__(self, x: LazyRows):
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.x[int(i)]
+        except CompressError as exc:
+            return _Failed(exc)
+
+
+def _collate(rows: list):
+    for r in rows:
+        if isinstance(r, _Failed):
+            return r
+    return np.stack(rows) if rows else None
+
+
+def _check(batch):
+    if isinstance(batch, _Failed):
+        raise CompressError(batch.message, hint=batch.hint, kind=batch.kind)
+    return batch
+
+
+def _loader(x: LazyRows, batches: Iterable, workers: int):
+    import torch.utils.data as tud
+
+    kw = {"num_workers": workers, "collate_fn": _collate, "batch_sampler": batches}
+    if workers > 0:
+        kw.update(prefetch_factor=4, persistent_workers=False)
+    return tud.DataLoader(_Rows(x), **kw)
+
+
+def iter_batches(x, batch_size: int, workers: int | None = None) -> Iterator[np.ndarray]:
+    """x in order, batch_size rows at a time: decoded in worker processes when x is lazy, numpy slices otherwise."""
+    if not is_lazy(x):
+        for i in range(0, len(x), batch_size):
+            yield x[i:i + batch_size]
+        return
+    w = x.workers if workers is None else workers
+    batches = [range(i, min(i + batch_size, len(x))) for i in range(0, len(x), batch_size)]
+    if w == 0 or len(batches) <= 1:
+        for b in batches:
+            yield x[b.start:b.stop]
+        return
+    for batch in _loader(x, batches, min(w, len(batches))):
+        yield _check(batch)
+
+
+class BatchStream:
+    """The training loop's batches, decoded ahead in worker processes: `next_rows()` gives the rows the loop asks for at
+    each step, in the order of `plan` (a callable step -> index array, known in advance), from `start` to `stop`."""
+
+    def __init__(self, x: LazyRows, plan, start: int, stop: int, workers: int | None = None):
+        self.x, self.plan, self.start, self.stop = x, plan, start, stop
+        self.workers = x.workers if workers is None else workers
+        self._it = None
+
+    def _batches(self):
+        for step in range(self.start, self.stop):
+            yield [int(i) for i in self.plan(step)]
+
+    def next_rows(self) -> np.ndarray:
+        if self._it is None:
+            if self.workers == 0:
+                self._it = (self.x[np.asarray(b, np.int64)] for b in self._batches())
+            else:
+                self._it = iter(_loader(self.x, self._batches(), self.workers))
+        return _check(next(self._it))
+
+    def close(self) -> None:
+        self._it = None

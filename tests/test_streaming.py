@@ -1,0 +1,175 @@
+"""Image folders stream from disk: rows are decoded when read (in DataLoader workers for batches), never held in memory as
+one float array; --unlabeled adds images without labels; --resize/--crop is the ImageNet evaluation transform."""
+from __future__ import annotations
+
+import json
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compressor.config import DataConfig
+from compressor.data import load_data
+from compressor.errors import CompressError
+
+
+def _photo(path: Path, cls: int, i: int, size=(20, 16)):
+    """A small RGB image whose colour pattern names its class (a bright stripe at a class-specific place), with noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1000 * cls + i)
+    a = (rng.random((size[1], size[0], 3)) * 60).astype(np.uint8)
+    a[:, (cls * 5) % size[0]:(cls * 5) % size[0] + 4, cls % 3] = 230
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a, "RGB").save(path)
+
+
+def _images(root: Path, n_per_class: int, classes: int = 3, unlabeled: int = 0, test: int = 4) -> Path:
+    for c in range(classes):
+        for i in range(n_per_class):
+            _photo(root / "train" / f"c{c}" / f"{i}.png", c, i)
+        for i in range(test):
+            _photo(root / "test" / f"c{c}" / f"{i}.png", c, 500 + i)
+    for i in range(unlabeled):
+        _photo(root / "unlabeled" / f"batch{i % 3}" / f"{i}.jpg", i % classes, 900 + i)
+    return root
+
+
+def test_lazy_rows_index_like_the_array_they_stand_for(tmp_path):
+    from compressor.data.image_folder import read_images, scan_image_folder
+
+    root = _images(tmp_path, 4)
+    ds = load_data(DataConfig(source=str(root / "train")))
+    _, items = scan_image_folder(root / "train")
+    full, y = read_images(items, (16, 20), 3, DataConfig())
+    assert ds.x.shape == full.shape and ds.x.dtype == np.float32 and ds.y.tolist() == y.tolist()
+    np.testing.assert_array_equal(ds.x[:3], full[:3])
+    np.testing.assert_array_equal(ds.x[[5, 0, 2]], full[[5, 0, 2]])
+    np.testing.assert_array_equal(ds.x[7], full[7])
+    np.testing.assert_array_equal(ds.x[7, 1], full[7, 1])
+    np.testing.assert_array_equal(ds.x.take([3, 1])[1], full[1])
+    np.testing.assert_array_equal(np.asarray(ds.x), full)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_decoded_in_workers_equal_the_array(tmp_path, workers):
+    from compressor.data.streaming import iter_batches
+
+    root = _images(tmp_path, 10)
+    ds = load_data(DataConfig(source=str(root / "train"), workers=workers))
+    got = np.concatenate(list(iter_batches(ds.x, 7)))
+    np.testing.assert_array_equal(got, np.asarray(ds.x))
+
+
+def test_a_corrupt_image_found_by_a_worker_is_one_clean_error(tmp_path):
+    from compressor.data.streaming import iter_batches
+
+    root = _images(tmp_path, 10)
+    bad = root / "train" / "c1" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # the header survives (the scan passes), the pixels are cut off
+    ds = load_data(DataConfig(source=str(root / "train"), workers=2))
+    with pytest.raises(CompressError) as err:
+        for _ in iter_batches(ds.x, 4):
+            pass
+    assert "cannot read image" in err.value.message and "3.png" in err.value.message and "\n" not in err.value.message
+
+
+def test_loading_a_folder_holds_no_float_array_of_it(tmp_path):
+    """300 images at 128x128 would be 59 MB as float32; scanning them allocates a small fraction of that (paths, headers)."""
+    from PIL import Image
+
+    for i in range(300):
+        p = tmp_path / "train" / f"c{i % 2}" / f"{i}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((128, 128, 3), i % 250, np.uint8)).save(p)
+    tracemalloc.start()
+    ds = load_data(DataConfig(source=str(tmp_path / "train")))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    full = (len(ds.y) + len(ds.y_test)) * 3 * 128 * 128 * 4
+    assert ds.x.shape[1:] == (3, 128, 128) and peak < full / 20, (peak, full)
+
+
+def test_unlabeled_folders_join_the_pool_with_label_minus_one(tmp_path):
+    root = _images(tmp_path, 4, unlabeled=7)
+    ds = load_data(DataConfig(source=str(root / "train"), unlabeled=[str(root / "unlabeled")]))
+    assert len(ds.y) == 12 + 7 and (ds.y == -1).sum() == 7 and len(ds.y_test) == 12
+    assert ds.summary()["train_unlabeled"] == 7 and ds.summary()["train_labeled"] == 12
+    # without a test folder: the held-out rows come from the labeled images only, every unlabeled one stays in the pool
+    (root / "test").rename(root / "elsewhere")
+    ds = load_data(DataConfig(source=str(root / "train"), unlabeled=[str(root / "unlabeled")]))
+    assert (ds.y == -1).sum() == 7 and (ds.y_test >= 0).all()
+
+
+@pytest.mark.parametrize("where", ["inside", "missing", "empty", "same"])
+def test_bad_unlabeled_folders_are_refused(tmp_path, where):
+    root = _images(tmp_path, 3, unlabeled=3)
+    path = {"inside": root / "train" / "c0", "missing": root / "nope", "same": root / "train"}.get(where, root / "empty")
+    if where == "empty":
+        path.mkdir()
+    with pytest.raises(CompressError, match="--unlabeled"):
+        load_data(DataConfig(source=str(root / "train"), unlabeled=[str(path)]))
+
+
+def test_resize_then_centre_crop(tmp_path):
+    from PIL import Image
+
+    a = np.zeros((40, 80, 3), np.uint8)  # 80 wide, 40 high: the shorter side (40) becomes 20, the width 40
+    a[:, 24:56] = 255  # a white band around the middle: the centre 10x10 crop of the 20x40 image (columns 15-24) is inside it
+    for c in ("a", "b"):
+        for i in range(2):
+            p = tmp_path / "train" / c / f"{i}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(a).save(p)
+    ds = load_data(DataConfig(source=str(tmp_path / "train"), eval_source=str(tmp_path / "train"), resize=20, crop=10))
+    assert ds.x.shape[1:] == (3, 10, 10)
+    assert ds.x[0].min() > 0.95  # only the white band is left
+    wide = load_data(DataConfig(source=str(tmp_path / "train"), eval_source=str(tmp_path / "train"), resize=20, crop=20))
+    assert wide.x[0].min() < 0.05  # a wider crop reaches the dark sides
+    with pytest.raises(CompressError, match="--resize needs --crop"):
+        load_data(DataConfig(source=str(tmp_path / "train"), eval_source=str(tmp_path / "train"), resize=20))
+    with pytest.raises(CompressError, match="either --image-size or --crop"):
+        load_data(DataConfig(source=str(tmp_path / "train"), eval_source=str(tmp_path / "train"), crop=10, image_size=[8, 8]))
+
+
+def _teacher(root: Path) -> Path:
+    """A small CNN teacher trained briefly on the labeled images, saved as TorchScript."""
+    import torch
+
+    ds = load_data(DataConfig(source=str(root / "train")))
+    x, y = torch.from_numpy(np.asarray(ds.x)), torch.from_numpy(ds.y)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d((4, 4)),
+                              torch.nn.Flatten(), torch.nn.Linear(256, 3))
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    path = root / "teacher.pt"
+    torch.jit.trace(net.eval(), x[:2]).save(str(path))
+    return path
+
+
+def test_distill_streams_an_image_folder_the_same_with_or_without_workers(tmp_path, cli):
+    """The same run with 0 and 2 decoding workers: the same batches in the same order, so the same student; with
+    --unlabeled the pool and the report's data line count the unlabeled images."""
+    root = _images(tmp_path / "d", 6, unlabeled=9)
+    teacher = _teacher(root)
+    results = []
+    for workers in (0, 2):
+        out = tmp_path / f"run{workers}"
+        code, _, err = cli("distill", "--teacher", teacher, "--data", root / "train", "--unlabeled", root / "unlabeled",
+                           "--workers", workers, "--steps", 12, "--batch-size", 8, "--no-baseline", "--skip-preflight", "--out", out)
+        assert code == 0, err
+        res = json.loads((out / "manifest.json").read_text())["stages"]["distill"]["result"]
+        results.append(res)
+        import torch
+
+        results[-1]["weights"] = torch.load(out / "student.pt", weights_only=True)
+    a, b = results
+    assert a["data"]["train_unlabeled"] == 9 and a["data"]["train_labeled"] == 18 and a["data"]["heldout"] == 12
+    assert a["student"]["history"] == b["student"]["history"]
+    for k in a["weights"]:
+        assert np.array_equal(a["weights"][k].numpy(), b["weights"][k].numpy()), k
