@@ -173,3 +173,44 @@ def test_distill_streams_an_image_folder_the_same_with_or_without_workers(tmp_pa
     assert a["student"]["history"] == b["student"]["history"]
     for k in a["weights"]:
         assert np.array_equal(a["weights"][k].numpy(), b["weights"][k].numpy()), k
+
+
+def test_two_ranks_stream_their_shares_and_match_one_process(tmp_path):
+    """torchrun with 2 gloo processes over a streaming image folder: the same student as 1 process (within float
+    tolerance), and each rank decodes only its share: the teacher's pass splits the pool, each step's batch is split."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    root = _images(tmp_path / "d", 12, unlabeled=12)
+    teacher = _teacher(root)
+    # a student without BatchNorm: on CPU, DDP keeps per-rank batch statistics (SyncBatchNorm is CUDA's), which would
+    # differ from one process's whatever the data path
+    (tmp_path / "students.py").write_text(
+        "import torch.nn as nn\n"
+        "def net(input_shape, num_classes):\n"
+        "    return nn.Sequential(nn.Conv2d(input_shape[0], 8, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),\n"
+        "                         nn.Flatten(), nn.Linear(32, num_classes))\n")
+    reads = {}
+    for n in (1, 2):
+        log = tmp_path / f"reads{n}.txt"
+        argv = [sys.executable, "-m", "compressor.cli", "distill", "--teacher", str(teacher), "--data", str(root / "train"),
+                "--unlabeled", str(root / "unlabeled"), "--workers", "0", "--steps", "20", "--batch-size", "8", "--no-baseline",
+                "--skip-preflight", "--teacher-output", "logits", "--device", "cpu", "--nproc-per-node", str(n), "--out", str(tmp_path / f"run{n}"),
+                "--student", f"{tmp_path / 'students.py'}:net"]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**os.environ, "COMPRESSOR_READ_LOG": str(log)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reads[n] = [ln.split(" ", 1) for ln in log.read_text().splitlines()]
+    a = torch.load(tmp_path / "run1" / "student.pt", weights_only=True)
+    b = torch.load(tmp_path / "run2" / "student.pt", weights_only=True)
+    for k in a:  # the same global batches and averaged gradients: equal up to floating-point order
+        np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), atol=2e-3, rtol=1e-3, err_msg=k)
+    # The unlabeled images are read only by the teacher's pass over the pool and by training batches (never for
+    # validation, the held-out set or a probe; --teacher-output logits skips the detection sample): 2 ranks read each
+    # of those exactly as often between them as 1 process does alone, and each rank about half of it.
+    def pool_reads(n, rank):
+        return sum(1 for r, f in reads[n] if r == rank and f"{os.sep}unlabeled{os.sep}" in f)
+    one, r0, r1 = pool_reads(1, "0"), pool_reads(2, "0"), pool_reads(2, "1")
+    assert one > 12 and r0 + r1 == one and max(r0, r1) <= 0.7 * one, (one, r0, r1)

@@ -162,6 +162,8 @@ class ImageDecoder:
 
     def __call__(self, i: int) -> np.ndarray:
         f = Path(os.fsdecode(self.files[i]))
+        if READ_LOG:
+            _log_read(f)
         with _pixel_limit(self.limit):
             try:
                 with _open(f, self.limit) as im:
@@ -173,6 +175,19 @@ class ImageDecoder:
         if self.norm is not None:
             a = (a - self.norm[0]) / self.norm[1]
         return a
+
+
+# COMPRESSOR_READ_LOG=FILE: every decode appends "<torchrun rank> <file>" to FILE (how many reads, and by which rank)
+READ_LOG = os.environ.get("COMPRESSOR_READ_LOG")
+
+
+def _log_read(f: Path) -> None:
+    line = f"{os.environ.get('RANK', '0')} {f}\n".encode("utf-8", "backslashreplace")
+    fd = os.open(READ_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)  # one O_APPEND write per line: lines from several processes never interleave
+    finally:
+        os.close(fd)
 
 
 def read_images(items, size: tuple[int, int], channels: int, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:

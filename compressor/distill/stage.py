@@ -76,6 +76,7 @@ def distill_whitebox(run, resume: bool) -> tuple[dict, dict]:
 
     from ..models.outputs import output_note, resolve_teacher_output
     from .jobs import check_student_output, preflight, save_trained, student_factory, summary, validation_split
+    from .._io import is_writer
     from ..data.streaming import is_lazy
     from .teacher_pass import heldout_classes, teacher_online, teacher_pool_logits
     from .trainer import budget_steps
@@ -96,7 +97,7 @@ def distill_whitebox(run, resume: bool) -> tuple[dict, dict]:
     pool_logits, teacher_seconds = (None, 0.0) if online else teacher_pool_logits(run, teacher, ds, dcfg)
     split = validation_split(ds, dcfg)
     steps = budget_steps(dcfg, len(split.train_rows))
-    if is_lazy(ds.x_test):  # held-out images on disk: decoded (and the teacher's answers kept) before any step, so a bad file fails now
+    if is_lazy(ds.x_test) and is_writer():  # held-out images on disk: decoded (the teacher's answers kept for code_free.py) before any step, so a bad file fails now
         heldout_classes(run, teacher, ds)
 
     results, outputs = {}, {}

@@ -35,7 +35,7 @@ def teacher_pool_logits(run, teacher, ds, dcfg) -> tuple[np.ndarray, float | Non
     resolve_teacher_output(teacher, ds.x, dcfg.teacher_output)  # done once per teacher (already, in the distill stage)
     say(f"distill: running the teacher ({teacher.format}) on {len(ds.x)} training rows")
     t0 = time.perf_counter()
-    pool_logits = logits_over(teacher.to(pick_device(dcfg.device)), ds.x, 4 * dcfg.batch_size)
+    pool_logits = _shared_pass(teacher.to(pick_device(dcfg.device)), ds.x, 4 * dcfg.batch_size, dcfg.device)
     seconds = time.perf_counter() - t0
     teacher.to("cpu")
     bad = ~np.isfinite(pool_logits).all(axis=1)
@@ -47,6 +47,28 @@ def teacher_pool_logits(run, teacher, ds, dcfg) -> tuple[np.ndarray, float | Non
             np.save(fh, pool_logits)
     write_text(key_file, key)
     return pool_logits, seconds
+
+
+def _shared_pass(teacher, x, batch_size: int, device: str) -> np.ndarray:
+    """The teacher over every row of x; under torchrun each rank runs (and reads) only rows rank, rank + world, … and
+    the parts are gathered, so the pass takes 1/world of the time and no rank reads the whole pool."""
+    from .ddp import in_torchrun
+
+    if not in_torchrun():
+        return logits_over(teacher, x, batch_size)
+    import torch.distributed as dist
+
+    from ..data.streaming import take
+    from .trainer import init_distributed, pick_device
+
+    rank, world, _ = init_distributed(pick_device(device))
+    part = logits_over(teacher, take(x, np.arange(rank, len(x), world)), batch_size)
+    parts = [None] * world
+    dist.all_gather_object(parts, part)
+    out = np.empty((len(x), parts[0].shape[1]), np.float32)
+    for r, p in enumerate(parts):
+        out[r::world] = p
+    return out
 
 
 def logits_over(teacher, x, batch_size: int) -> np.ndarray:

@@ -156,7 +156,7 @@ def _dist_info() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def _init_distributed(device: str) -> tuple[int, int, str]:
+def init_distributed(device: str) -> tuple[int, int, str]:
     """Join the torchrun process group (gloo on CPU, NCCL on CUDA); returns (rank, world, device)."""
     import torch
     import torch.distributed as dist
@@ -262,7 +262,7 @@ class _Trainer:
         import torch
 
         self.cfg, self.steps, self.checkpoint, self.label, self.on_eval = cfg, steps, checkpoint, label, on_eval
-        self.rank, self.world, self.device = _init_distributed(pick_device(cfg.device))
+        self.rank, self.world, self.device = init_distributed(pick_device(cfg.device))
         device = self.device
         self.loss_fn = get_loss(loss_name or cfg.loss)
         self.preset, self.mixing = _augmentation(cfg, x, teacher_logits, online_teacher, label)
