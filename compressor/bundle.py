@@ -75,12 +75,17 @@ def _onnx_io(path: Path) -> tuple[dict, dict]:
 def _preprocessing(run: Run, ds) -> dict:
     cfg = run.config.data
     src = cfg.source
-    kind = "mnist1d" if src == "mnist1d" else "image_folder" if Path(src).is_dir() else "npz"
-    out = {"source": kind, "dtype": str(ds.x.dtype), "mean": cfg.mean, "std": cfg.std, "image_size": None, "channels": None}
+    kind = ("mnist1d" if src == "mnist1d" else "npy_folder" if (Path(src) / "x.npy").is_file()
+            else "image_folder" if Path(src).is_dir() else "npz")
+    out = {"source": kind, "dtype": str(ds.x.dtype), "mean": cfg.mean, "std": cfg.std, "image_size": None, "channels": None, "resize": None}
     if kind == "image_folder":
         c, h, w = ds.input_shape
-        out.update(image_size=[h, w], channels=c, layout="NCHW", steps=[
-            f"convert to {'grayscale (L)' if c == 1 else 'RGB'}", f"resize to {h}x{w} (bilinear) if needed", "scale pixels to [0, 1] (divide by 255; 16-bit greyscale by 65535)",
+        resize = cfg.resize if cfg.resize is not None else cfg.crop
+        size = ([f"scale the shorter side to {resize} (bilinear), then cut out the centre {h}x{w}"] if resize
+                else [f"resize to {h}x{w} (bilinear) if needed"])
+        out.update(image_size=[h, w], channels=c, resize=resize, layout="NCHW", steps=[
+            "apply the EXIF orientation", f"convert to {'grayscale (L)' if c == 1 else 'RGB'}", *size,
+            "scale pixels to [0, 1] (divide by 255; 16-bit greyscale by 65535)",
             *(["subtract mean, divide by std (per channel)"] if cfg.mean is not None or cfg.std is not None else [])])
     else:
         out.update(layout="rows as stored", steps=["none: rows go in exactly as stored in the training data; prepare device inputs the same way"])

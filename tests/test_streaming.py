@@ -214,3 +214,31 @@ def test_two_ranks_stream_their_shares_and_match_one_process(tmp_path):
         return sum(1 for r, f in reads[n] if r == rank and f"{os.sep}unlabeled{os.sep}" in f)
     one, r0, r1 = pool_reads(1, "0"), pool_reads(2, "0"), pool_reads(2, "1")
     assert one > 12 and r0 + r1 == one and max(r0, r1) <= 0.7 * one, (one, r0, r1)
+
+
+def test_a_folder_of_npy_arrays_is_memory_mapped_and_trains_like_the_npz(tiny, tmp_path, cli):
+    """x.npy/y.npy/x_test.npy/y_test.npy in a folder: read through a memory map, row by batch, and the student is the
+    same as from the same arrays in an .npz."""
+    with np.load(tiny.npz) as z:
+        arrays = {k: z[k] for k in z.files}
+    folder = tmp_path / "arrays"
+    folder.mkdir()
+    for k, v in arrays.items():
+        np.save(folder / f"{k}.npy", v.astype(np.float32) if k.startswith("x") else v)
+    ds = load_data(DataConfig(source=str(folder)))
+    assert type(ds.x).__name__ == "ArrayRows" and isinstance(ds.x.array, np.memmap)
+    np.testing.assert_array_equal(ds.x[[3, 1]], arrays["x"][[3, 1]].astype(np.float32))
+    runs = {}
+    for name, data in (("npz", tiny.npz), ("npy", folder)):
+        out = tmp_path / name
+        code, _, err = cli("distill", "--teacher", tiny.torchscript, "--data", data, "--steps", 15, "--no-baseline", "--out", out)
+        assert code == 0, err
+        import torch
+
+        runs[name] = torch.load(out / "student.pt", weights_only=True)
+    for k in runs["npz"]:
+        assert np.array_equal(runs["npz"][k].numpy(), runs["npy"][k].numpy()), k
+    (folder / "x.npy").unlink()
+    np.save(folder / "x.npy", arrays["x"].astype(np.float64))
+    with pytest.raises(CompressError, match="must be float32"):
+        load_data(DataConfig(source=str(folder)))

@@ -25,7 +25,14 @@ def load_data(cfg: DataConfig, *, teacher_input_shape: tuple | None = None, cach
         path = Path(src)
         if not path.exists():
             raise CompressError(f"data {src} does not exist", hint="pass an .npz file, an image folder, or 'mnist1d'")
-        if path.is_dir():
+        if path.is_dir() and (path / "x.npy").is_file():  # a folder of memory-mapped arrays
+            if image_only:
+                raise CompressError(f"{', '.join(image_only)} apply to image folders only, but --data {src} is a folder of .npy arrays",
+                                    hint="arrays are used as stored: normalise them before saving, or drop those flags")
+            from .npy_folder import load_npy_folder
+
+            ds = load_npy_folder(path, cfg)
+        elif path.is_dir():
             from .image_folder import load_image_folder
 
             ds = load_image_folder(cfg, teacher_input_shape)

@@ -157,7 +157,9 @@ class ImageDecoder:
 
     def __init__(self, files, size: tuple[int, int], channels: int, cfg: DataConfig):
         self.files = np.array([os.fsencode(str(f)) for f in files]) if len(files) else np.zeros(0, "S1")
-        self.size, self.channels, self.resize, self.limit = tuple(size), channels, cfg.resize, cfg.max_image_pixels
+        # --crop without --resize: the shorter side scaled to the crop's side, then the centre square (no squashing)
+        resize = cfg.resize if cfg.resize is not None else cfg.crop
+        self.size, self.channels, self.resize, self.limit = tuple(size), channels, resize, cfg.max_image_pixels
         self.norm = _normalisation(cfg, channels)
 
     def __call__(self, i: int) -> np.ndarray:

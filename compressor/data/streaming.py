@@ -74,11 +74,12 @@ class LazyRows:
         out = self[:]
         return out.astype(dtype) if dtype is not None else out
 
-    def min(self) -> float:
-        return min((float(b.min()) for b in iter_batches(self, 256)), default=0.0)
+    def min(self, initial=None):
+        """The smallest value, read a chunk at a time (numpy's initial= for an empty set)."""
+        return min((b.min() for b in iter_batches(self, 256) if b.size), default=initial if initial is not None else 0)
 
-    def max(self) -> float:
-        return max((float(b.max()) for b in iter_batches(self, 256)), default=0.0)
+    def max(self, initial=None):
+        return max((b.max() for b in iter_batches(self, 256) if b.size), default=initial if initial is not None else 0)
 
     def take(self, rows) -> "LazyRows":
         """The rows at these positions, still undecoded."""
@@ -182,3 +183,28 @@ class BatchStream:
 
     def close(self) -> None:
         self._it = None
+
+
+class ArrayRows(LazyRows):
+    """Rows of an array on disk (a memory-mapped .npy): indexing reads just those rows from the file, in this process
+    (a memory map needs no decoding workers); `take` is a view that reads nothing."""
+
+    def __init__(self, array, index: np.ndarray | None = None):
+        super().__init__(None, len(array), array.shape[1:], index, workers=0)
+        self.array, self.dtype = array, array.dtype
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, tuple):
+            return self[key[0]][(slice(None), *key[1:])] if not isinstance(key[0], (int, np.integer)) else self[key[0]][key[1:]]
+        if isinstance(key, (int, np.integer)):
+            return np.array(self.array[int(self.index[key])])  # a copy: writable, and no longer tied to the map
+        rows = self.index[key]
+        if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():  # contiguous: one slice
+            return np.array(self.array[rows[0]:rows[-1] + 1])
+        return np.array(self.array[rows])
+
+    def take(self, rows) -> "ArrayRows":
+        return ArrayRows(self.array, self.index[np.asarray(rows)])
+
+    def __repr__(self) -> str:
+        return f"ArrayRows({len(self)} rows of {self.row_shape} {self.dtype})"
