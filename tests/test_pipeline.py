@@ -314,7 +314,7 @@ def test_image_folder_pipeline_with_the_builtin_2d_student(tmp_path, tiny_bench)
     ds = load_data(DataConfig(source=str(tmp_path / "imgs" / "train")))
     opt = torch.optim.Adam(teacher.parameters(), 1e-2)
     for _ in range(40):
-        loss = torch.nn.functional.cross_entropy(teacher(torch.from_numpy(ds.x)), torch.from_numpy(ds.y))
+        loss = torch.nn.functional.cross_entropy(teacher(torch.from_numpy(np.asarray(ds.x))), torch.from_numpy(ds.y))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -30,6 +30,9 @@ class TrainResult:
     resumed_from: int
 
 
+VAL_IN_MEMORY_BYTES = 256 << 20  # a streamed validation split up to this size is decoded once and kept; a larger one at each evaluation
+
+
 def pick_device(name: str) -> str:
     import torch
 
@@ -276,6 +279,10 @@ class _Trainer:
         self.xt = x if self.lazy else torch.from_numpy(x).to(device)
         self.yt = torch.from_numpy(y).to(device)
         self.tt = torch.from_numpy(np.asarray(teacher_logits)).to(device) if teacher_logits is not None else None
+        if is_lazy(x_val) and x_val.size * x_val.dtype.itemsize <= VAL_IN_MEMORY_BYTES:  # decoded once, not at every evaluation
+            from ..data.streaming import iter_batches
+
+            x_val = np.concatenate(list(iter_batches(x_val, 256))) if len(x_val) else np.zeros(x_val.shape, x_val.dtype)
         self.xv = x_val if is_lazy(x_val) else torch.from_numpy(x_val).to(device)
         self.yv = torch.from_numpy(y_val).to(device)
 
