@@ -144,6 +144,7 @@ def test_compress_loads_the_teacher_and_the_data_once(tmp_path, monkeypatch):
     monkeypatch.setattr(models_mod, "load_teacher", teacher)
     monkeypatch.setattr(data_mod, "load_data", data)
     monkeypatch.setattr(run_mod, "sha256_file", hashed)
+    monkeypatch.setattr(run_mod, "_HASHES", {})  # hashes remembered by earlier tests in this process do not count
     cfg = CompressConfig(target="cpu")
     cfg.distill = cfg.distill.replace(steps=30, baseline=False)
     cfg.quantize = cfg.quantize.replace(qat_steps=0)
