@@ -13,6 +13,11 @@ from ..errors import CompressError
 
 
 ARRAY_MAX_BYTES = 2 << 30  # np.asarray(rows) decodes everything at once only below this
+# a pass over rows on disk (the teacher's, an accuracy pass) takes at most this many bytes of input per batch: at 224x224
+# RGB float32 that is 55 images, where a batch size made for small rows (1024) would hold 616 MB of pixels at once,
+# plus a model's activations for all of them
+LAZY_BATCH_BYTES = 32 << 20
+PREFETCH = 2  # batches each worker decodes ahead (DataLoader's default)
 
 
 def default_workers() -> int:
@@ -140,7 +145,7 @@ def _loader(x: LazyRows, batches: Iterable, workers: int):
 
     kw = {"num_workers": workers, "collate_fn": _collate, "batch_sampler": batches}
     if workers > 0:
-        kw.update(prefetch_factor=4, persistent_workers=False)
+        kw.update(prefetch_factor=PREFETCH, persistent_workers=False)
     return tud.DataLoader(_Rows(x), **kw)
 
 
@@ -151,6 +156,8 @@ def iter_batches(x, batch_size: int, workers: int | None = None) -> Iterator[np.
             yield x[i:i + batch_size]
         return
     w = x.workers if workers is None else workers
+    row_bytes = max(1, int(np.prod(x.row_shape)) * x.dtype.itemsize)
+    batch_size = max(1, min(batch_size, LAZY_BATCH_BYTES // row_bytes))  # bounded memory whatever the rows' size
     batches = [range(i, min(i + batch_size, len(x))) for i in range(0, len(x), batch_size)]
     if w == 0 or len(batches) <= 1:
         for b in batches:
