@@ -63,8 +63,15 @@ class LazyRows:
                 return self[key[0]][key[1:]]
             return self[key[0]][(slice(None), *key[1:])]
         if isinstance(key, (int, np.integer)):
-            return self.decode(int(self.index[key]))
-        rows = self.index[key]
+            return self._one(int(self.index[key]))
+        return self._many(self.index[key])
+
+    def _one(self, i: int) -> np.ndarray:
+        """Row i of the source."""
+        return self.decode(i)
+
+    def _many(self, rows: np.ndarray) -> np.ndarray:
+        """Rows of the source, stacked."""
         out = np.empty((len(rows), *self.row_shape), self.dtype)
         for n, i in enumerate(rows):
             out[n] = self.decode(int(i))
@@ -200,12 +207,10 @@ class ArrayRows(LazyRows):
         super().__init__(None, len(array), array.shape[1:], index, workers=0)
         self.array, self.dtype = array, array.dtype
 
-    def __getitem__(self, key) -> np.ndarray:
-        if isinstance(key, tuple):
-            return self[key[0]][(slice(None), *key[1:])] if not isinstance(key[0], (int, np.integer)) else self[key[0]][key[1:]]
-        if isinstance(key, (int, np.integer)):
-            return np.array(self.array[int(self.index[key])])  # a copy: writable, and no longer tied to the map
-        rows = self.index[key]
+    def _one(self, i: int) -> np.ndarray:
+        return np.array(self.array[i])  # a copy: writable, and no longer tied to the map
+
+    def _many(self, rows: np.ndarray) -> np.ndarray:
         if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():  # contiguous: one slice
             return np.array(self.array[rows[0]:rows[-1] + 1])
         return np.array(self.array[rows])
