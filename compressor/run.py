@@ -322,6 +322,8 @@ class Run:
         sources = [("data", cfg.source, self.manifest["inputs"].get("data")), ("eval_data", cfg.eval_source, self.manifest["inputs"].get("eval_data"))]
         sources += [("unlabeled", u, r) for u, r in zip(cfg.unlabeled or [], recorded_unlabeled)]
         for key, src, recorded in sources:  # the same rows the run was made from, or an error
+            if self.live:  # Run.create fingerprinted them moments ago, in this process
+                break
             if isinstance(recorded, dict) and src and recorded.get("fingerprint") != _data_fingerprint(src):
                 gone = src != "mnist1d" and not Path(src).exists()
                 raise CompressError(f"data {src} {'no longer exists' if gone else 'changed since this run started'}",
