@@ -175,6 +175,44 @@ def test_distill_streams_an_image_folder_the_same_with_or_without_workers(tmp_pa
         assert np.array_equal(a["weights"][k].numpy(), b["weights"][k].numpy()), k
 
 
+class _RecordingTeacher:
+    """Stands for a teacher: outputs a row's mean per channel, and records the batch sizes it is given."""
+
+    def __init__(self, nan_row=None):
+        self.sizes, self.nan_row, self.seen = [], nan_row, 0
+
+    def logits(self, xb, batch_size):
+        self.sizes.append(len(xb))
+        out = np.asarray(xb).reshape(len(xb), xb.shape[1], -1).mean(axis=2).astype(np.float32)
+        if self.nan_row is not None and self.seen <= self.nan_row < self.seen + len(xb):
+            out[self.nan_row - self.seen, 0] = np.nan
+        self.seen += len(xb)
+        return out
+
+
+def test_the_teacher_pass_writes_its_outputs_to_disk_a_batch_at_a_time(tmp_path):
+    """Over rows on disk the pool's teacher outputs go straight into the .npy cache (memory-mapped), batch by batch at
+    the batch size asked; NaN outputs are refused and leave no cache behind."""
+    from compressor.data.streaming import ArrayRows
+    from compressor.distill import teacher_pass
+
+    root = _images(tmp_path / "d", 7, unlabeled=5)
+    x = load_data(DataConfig(source=str(root / "train"), unlabeled=(str(root / "unlabeled"),), workers=0)).x
+    t = _RecordingTeacher()
+    cache = tmp_path / "cache" / "pool.npy"
+    teacher_pass._shared_pass(t, x, 4, "cpu", cache)
+    assert max(t.sizes) == 4 and sum(t.sizes) == len(x) == 26
+    got = np.load(cache, mmap_mode="r")
+    assert isinstance(got, np.memmap)
+    np.testing.assert_allclose(got, np.asarray(x).mean(axis=(2, 3)), rtol=1e-5, atol=1e-6)
+    rows = ArrayRows(got).take(np.array([3, 1, 20]))
+    np.testing.assert_array_equal(rows[np.array([0, 2])], got[[3, 20]])
+    bad = tmp_path / "cache" / "bad.npy"
+    with pytest.raises(CompressError, match="NaN or Inf for 1 of 26 training rows .first: row 9"):
+        teacher_pass._shared_pass(_RecordingTeacher(nan_row=9), x, 4, "cpu", bad)
+    assert sorted(p.name for p in bad.parent.iterdir()) == ["pool.npy"]
+
+
 def test_two_ranks_stream_their_shares_and_match_one_process(tmp_path):
     """torchrun with 2 gloo processes over a streaming image folder: the same student as 1 process (within float
     tolerance), and each rank decodes only its share: the teacher's pass splits the pool, each step's batch is split."""
@@ -205,6 +243,9 @@ def test_two_ranks_stream_their_shares_and_match_one_process(tmp_path):
         reads[n] = [ln.split(" ", 1) for ln in log.read_text().splitlines()]
     a = torch.load(tmp_path / "run1" / "student.pt", weights_only=True)
     b = torch.load(tmp_path / "run2" / "student.pt", weights_only=True)
+    # the teacher's pass, split across the ranks and gathered a batch at a time: the same cache as one process writes
+    cache = [np.load(tmp_path / f"run{n}" / "cache" / "teacher_pool_logits.npy") for n in (1, 2)]
+    np.testing.assert_allclose(cache[0], cache[1], atol=1e-5, rtol=1e-5)
     for k in a:  # the same global batches and averaged gradients: equal up to floating-point order
         np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), atol=2e-3, rtol=1e-3, err_msg=k)
     # The unlabeled images are read only by the teacher's pass over the pool and by training batches (never for

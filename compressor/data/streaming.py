@@ -156,6 +156,15 @@ def _loader(x: LazyRows, batches: Iterable, workers: int):
     return tud.DataLoader(_Rows(x), **kw)
 
 
+def batch_rows(x, batch_size: int) -> int:
+    """The rows a pass over x takes at once: batch_size, and for rows on disk at most LAZY_BATCH_BYTES of them (bounded
+    memory whatever the rows' size)."""
+    if not is_lazy(x):
+        return max(1, batch_size)
+    row_bytes = max(1, int(np.prod(x.row_shape)) * x.dtype.itemsize)
+    return max(1, min(batch_size, LAZY_BATCH_BYTES // row_bytes))
+
+
 def iter_batches(x, batch_size: int, workers: int | None = None) -> Iterator[np.ndarray]:
     """x in order, batch_size rows at a time: decoded in worker processes when x is lazy, numpy slices otherwise."""
     if not is_lazy(x):
@@ -163,8 +172,7 @@ def iter_batches(x, batch_size: int, workers: int | None = None) -> Iterator[np.
             yield x[i:i + batch_size]
         return
     w = x.workers if workers is None else workers
-    row_bytes = max(1, int(np.prod(x.row_shape)) * x.dtype.itemsize)
-    batch_size = max(1, min(batch_size, LAZY_BATCH_BYTES // row_bytes))  # bounded memory whatever the rows' size
+    batch_size = batch_rows(x, batch_size)
     batches = [range(i, min(i + batch_size, len(x))) for i in range(0, len(x), batch_size)]
     if w == 0 or len(batches) <= 1:
         for b in batches:

@@ -245,7 +245,7 @@ def search_for_distill(run, dcfg, teacher, ds, train_rows, x_val, y_val, pool_lo
         else:
             if cached[0] is None:
                 cached[0] = teacher_pool_logits(run, teacher, ds, dcfg)[0]
-            tlogits = cached[0][train_rows]
+            tlogits = take(cached[0], train_rows)
         try:
             _, res = train_student(module, x, y, tlogits, x_val, y_val, tcfg, steps=steps, checkpoint=ckpt,
                                    label=f"search trial {number} ({number + 1}/{dcfg.search})", loss_name=tcfg.loss, on_eval=report, **kw)

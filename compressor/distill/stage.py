@@ -77,7 +77,7 @@ def distill_whitebox(run, resume: bool) -> tuple[dict, dict]:
     from ..models.outputs import output_note, resolve_teacher_output
     from .jobs import check_student_output, preflight, save_trained, student_factory, summary, validation_split
     from .._io import is_writer
-    from ..data.streaming import is_lazy
+    from ..data.streaming import is_lazy, take
     from .teacher_pass import heldout_classes, teacher_online, teacher_pool_logits
     from .trainer import budget_steps
 
@@ -111,7 +111,7 @@ def distill_whitebox(run, resume: bool) -> tuple[dict, dict]:
         online = teacher_online(scfg)
         if not online and pool_logits is None:
             pool_logits, teacher_seconds = teacher_pool_logits(run, teacher, ds, dcfg)
-    jobs = [("student", scfg.loss, split.train_rows, None if online else pool_logits[split.train_rows])]
+    jobs = [("student", scfg.loss, split.train_rows, None if online else take(pool_logits, split.train_rows))]
     if dcfg.baseline:
         jobs.append(("baseline", "labels", split.labeled_train, None))
     for name, loss, rows, tlogits in jobs:

@@ -18,10 +18,12 @@ def teacher_online(dcfg) -> bool:
     return dcfg.augment != "none" or dcfg.mixup > 0 or dcfg.cutmix > 0 or bool(dcfg.hint)
 
 
-def teacher_pool_logits(run, teacher, ds, dcfg) -> tuple[np.ndarray, float | None]:
+def teacher_pool_logits(run, teacher, ds, dcfg):
     """The teacher's outputs for every pool row: from the run's cache when its key matches (seconds None), else
-    computed and cached (seconds the pass took)."""
-    from .._io import atomic_path, sha256_json, write_text
+    computed and cached (seconds the pass took). For rows on disk (an image folder) the outputs are written to the cache
+    batch by batch and come back memory-mapped, as an ArrayRows: memory does not grow with the pool."""
+    from .._io import sha256_json, write_text
+    from ..data.streaming import ArrayRows, is_lazy
     from ..models.outputs import resolve_teacher_output
     from .trainer import pick_device
 
@@ -30,72 +32,153 @@ def teacher_pool_logits(run, teacher, ds, dcfg) -> tuple[np.ndarray, float | Non
     # another loss, T or schedule reuses them
     key = sha256_json([run.manifest["inputs"], run.config.data.to_dict(), dcfg.teacher_output])
     key_file = cache.with_suffix(".key")
+    lazy = is_lazy(ds.x)
+
+    def cached():
+        return ArrayRows(np.load(cache, mmap_mode="r")) if lazy else np.load(cache, mmap_mode="r")
     if cache.exists() and key_file.exists() and key_file.read_text() == key:
-        return np.load(cache, mmap_mode="r"), None
+        return cached(), None
     resolve_teacher_output(teacher, ds.x, dcfg.teacher_output)  # done once per teacher (already, in the distill stage)
     say(f"distill: running the teacher ({teacher.format}) on {len(ds.x)} training rows")
     t0 = time.perf_counter()
-    pool_logits = _shared_pass(teacher.to(pick_device(dcfg.device)), ds.x, 4 * dcfg.batch_size, dcfg.device)
+    # rows on disk go through the teacher at the training batch size (a model's activations at 224 px, not the input,
+    # are what a batch costs); arrays in memory at 4x that
+    _shared_pass(teacher.to(pick_device(dcfg.device)), ds.x, dcfg.batch_size if lazy else 4 * dcfg.batch_size, dcfg.device, cache)
     seconds = time.perf_counter() - t0
     teacher.to("cpu")
-    bad = ~np.isfinite(pool_logits).all(axis=1)
-    if bad.any():
-        raise CompressError(f"the teacher returns NaN or Inf for {int(bad.sum())} of {len(bad)} training rows (first: row {int(np.argmax(bad))})",
-                            hint="check the data's scale and preprocessing: it should match what the teacher was trained on")
-    with atomic_path(cache) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, pool_logits)
-    write_text(key_file, key)
-    return pool_logits, seconds
+    from .._io import is_writer
+
+    if is_writer():
+        write_text(key_file, key)
+    _barrier()
+    return cached(), seconds
 
 
-def _shared_pass(teacher, x, batch_size: int, device: str) -> np.ndarray:
-    """The teacher over every row of x; under torchrun each rank runs (and reads) only rows rank, rank + world, … and
-    the parts are gathered, so the pass takes 1/world of the time and no rank reads the whole pool."""
+def _barrier() -> None:
     from .ddp import in_torchrun
 
-    if not in_torchrun():
-        return logits_over(teacher, x, batch_size)
+    if in_torchrun():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _check_finite(out, n: int) -> None:
+    """Refuse NaN/Inf outputs, read a chunk at a time."""
+    bad_rows, first = 0, None
+    for i in range(0, n, 65536):
+        bad = ~np.isfinite(np.asarray(out[i:i + 65536])).all(axis=1)
+        if bad.any():
+            first = i + int(np.argmax(bad)) if first is None else first
+            bad_rows += int(bad.sum())
+    if bad_rows:
+        raise CompressError(f"the teacher returns NaN or Inf for {bad_rows} of {n} training rows (first: row {first})",
+                            hint="check the data's scale and preprocessing: it should match what the teacher was trained on")
+
+
+def _shared_pass(teacher, x, batch_size: int, device: str, cache) -> None:
+    """The teacher over every row of x, written batch by batch into the .npy at `cache` (atomically: a killed pass leaves
+    no cache). Under torchrun each rank runs (and reads) only rows rank, rank + world, …; the parts are gathered a
+    batch at a time and rank 0 writes them (the run folder is shared by the ranks), so the pass takes 1/world of the time,
+    no rank reads the whole pool, and no rank holds all the outputs in memory."""
+    from .._io import atomic_path, is_writer
+    from ..data.streaming import batch_rows, take
+    from .ddp import in_torchrun
+
+    n = len(x)
+    rank, world = 0, 1
+    if in_torchrun():
+        from .trainer import init_distributed, pick_device
+
+        rank, world, _ = init_distributed(pick_device(device))
+    mine = np.arange(rank, n, world)
+    bs = batch_rows(x, batch_size)
+    rounds = -(-(-(-n // world)) // bs)  # batches of the largest rank's share
+    parts = _ranks_batches(teacher, take(x, mine), bs, rounds)
+    with atomic_path(cache) as tmp:
+        out = None
+        for r_round, blocks in enumerate(_gathered(parts, world)):  # one list of (rank, logits) per round
+            for r, block in blocks:
+                if block is None or not len(block):
+                    continue
+                if out is None and is_writer():
+                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, block.shape[1]))
+                rows = np.arange(r, n, world)[r_round * bs:r_round * bs + len(block)]
+                if out is not None:
+                    out[rows[0]:rows[-1] + 1:world] = block
+        if is_writer():
+            if out is None:  # no rows at all
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(0, 0))
+            out.flush()
+            _check_finite(out, n)
+            del out
+
+
+def _ranks_batches(teacher, x, bs: int, rounds: int):
+    """This rank's outputs a batch at a time, then empty batches up to `rounds` (every rank takes part in each gather)."""
+    k = 0
+    for block in _logit_batches(teacher, x, bs):
+        k += 1
+        yield block
+    for _ in range(k, rounds):
+        yield None
+
+
+def _gathered(parts, world: int):
+    """For each round, [(rank, that rank's block)]: all ranks' blocks when under torchrun, else this process's."""
+    if world == 1:
+        for block in parts:
+            yield [(0, block)]
+        return
     import torch.distributed as dist
 
-    from ..data.streaming import take
-    from .trainer import init_distributed, pick_device
-
-    rank, world, _ = init_distributed(pick_device(device))
-    part = logits_over(teacher, take(x, np.arange(rank, len(x), world)), batch_size)
-    parts = [None] * world
-    dist.all_gather_object(parts, part)
-    out = np.empty((len(x), parts[0].shape[1]), np.float32)
-    for r, p in enumerate(parts):
-        out[r::world] = p
-    return out
+    for block in parts:
+        got = [None] * world
+        dist.all_gather_object(got, block)
+        yield list(enumerate(got))
 
 
-def logits_over(teacher, x, batch_size: int) -> np.ndarray:
-    """The teacher's outputs for every row of x; rows on disk are decoded a batch at a time in worker processes while the
-    teacher runs, with a progress bar (tens of thousands of images take minutes)."""
+def _logit_batches(teacher, x, batch_size: int):
+    """The teacher's outputs for x, a batch at a time; rows on disk are decoded in worker processes while the teacher
+    runs, with a progress bar (tens of thousands of images take minutes)."""
     from ..data.streaming import is_lazy, iter_batches
 
     if not is_lazy(x):
-        return teacher.logits(x, batch_size=batch_size)
+        for i in range(0, len(x), batch_size):
+            yield teacher.logits(x[i:i + batch_size], batch_size=batch_size)
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..errors import rich_text
 
-    outs = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True,
                   disable=not _interactive()) as bar:
         task = bar.add_task(rich_text("teacher pass"), total=len(x))
         for xb in iter_batches(x, batch_size):
-            outs.append(teacher.logits(xb, batch_size=batch_size))
+            yield teacher.logits(xb, batch_size=batch_size)
             bar.advance(task, len(xb))
+
+
+def logits_over(teacher, x, batch_size: int) -> np.ndarray:
+    """The teacher's outputs for every row of x, in memory (the held-out set, calibration rows: not the pool)."""
+    from ..data.streaming import is_lazy
+
+    if not is_lazy(x):
+        return teacher.logits(x, batch_size=batch_size)
+    outs = list(_logit_batches(teacher, x, batch_size))
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
 def heldout_classes(run, teacher, ds) -> np.ndarray:
     """The teacher's class for each held-out row, computed once per process (run.computed)."""
+    from ..data.streaming import is_lazy
+
     if "teacher_heldout_classes" not in run.computed:
-        run.computed["teacher_heldout_classes"] = logits_over(teacher.to("cpu"), ds.x_test, run.config.bench.eval_batch_size).argmax(1)
+        from .trainer import eval_batch_size
+
+        # rows on disk go at the training batch size (their activations, not the input, are what a batch of images costs)
+        bs = eval_batch_size(ds.x_test, run.config.distill.batch_size) if is_lazy(ds.x_test) else run.config.bench.eval_batch_size
+        run.computed["teacher_heldout_classes"] = logits_over(teacher.to("cpu"), ds.x_test, bs).argmax(1)
     return run.computed["teacher_heldout_classes"]
 
 

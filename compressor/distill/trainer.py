@@ -65,6 +65,17 @@ def _batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
     return _epoch_permutation(n, seed, epoch)[pos * batch_size:(pos + 1) * batch_size]
 
 
+def eval_batch_size(x, batch_size: int) -> int:
+    """Rows per batch of an inference pass over x while training at batch_size: 2048 small rows (numbers, token ids), but
+    large rows (images) at the training batch size, and at most what LAZY_BATCH_BYTES of input holds. A model's
+    activations, not its input, are what a batch of 224 px images costs: 256 of them through a small MobileNet hold
+    about 1 GB at once, where the training batch is the size the user made fit."""
+    from ..data.streaming import LAZY_BATCH_BYTES
+
+    fits = LAZY_BATCH_BYTES // max(1, int(np.prod(x.shape[1:])) * 4)
+    return 2048 if fits >= 2048 else max(1, min(batch_size, fits))
+
+
 def _accuracy(module, x, y, device, batch_size=2048) -> float:
     """Accuracy on (x, y): tensors on the device, or rows on disk (LazyRows) decoded a batch at a time."""
     import torch
@@ -278,7 +289,9 @@ class _Trainer:
         self.lazy, self.stream = is_lazy(x), None
         self.xt = x if self.lazy else torch.from_numpy(x).to(device)
         self.yt = torch.from_numpy(y).to(device)
-        self.tt = torch.from_numpy(np.asarray(teacher_logits)).to(device) if teacher_logits is not None else None
+        # the teacher's cached outputs for pool rows on disk stay memory-mapped (an ArrayRows): read a batch at a time
+        self.tt = (teacher_logits if is_lazy(teacher_logits) else torch.from_numpy(np.asarray(teacher_logits)).to(device)
+                   if teacher_logits is not None else None)
         if is_lazy(x_val) and x_val.size * x_val.dtype.itemsize <= VAL_IN_MEMORY_BYTES:  # decoded once, not at every evaluation
             from ..data.streaming import iter_batches
 
@@ -297,6 +310,7 @@ class _Trainer:
             online_teacher.amp_dtype = self.amp_dtype
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
         self.eval_every = max(1, steps // max(1, cfg.evals))
+        self.eval_batch = eval_batch_size(x_val, cfg.batch_size)
 
         self.step, self.best_acc, self.best_step, self.history, self.resumed_from = 0, -1.0, 0, [], 0
         self.best_state = self._snapshot()
@@ -401,8 +415,20 @@ class _Trainer:
         if self.online_teacher is not None:
             tb = self.online_teacher(xb)
         else:
-            tb = self.tt[idx][share] if self.tt is not None else None
+            tb = self._teacher_rows(gidx, idx, share)
         return gidx, xb, yb, tb
+
+    def _teacher_rows(self, gidx, idx, share):
+        """This rank's cached teacher targets for the global batch gidx (idx on the device)."""
+        import torch
+
+        from ..data.streaming import is_lazy
+
+        if self.tt is None:
+            return None
+        if is_lazy(self.tt):
+            return torch.from_numpy(self.tt[gidx[share]]).to(self.device)
+        return self.tt[idx][share]
 
     def _stream_rows(self, whole: bool):
         """This step's rows decoded ahead in worker processes: the whole global batch, or this rank's share of it."""
@@ -474,7 +500,7 @@ class _Trainer:
 
     def _evaluate(self, loss_value: float, progress) -> None:
         """Validation accuracy; the best weights kept (ties go to the later, longer-trained ones); a checkpoint written."""
-        acc = _accuracy(self.raw, self.xv, self.yv, self.device)
+        acc = _accuracy(self.raw, self.xv, self.yv, self.device, self.eval_batch)
         self.module.train()
         self.history.append({"step": self.step, "loss": loss_value, "val_accuracy": acc})
         if acc >= self.best_acc:
