@@ -75,10 +75,12 @@ def _onnx_io(path: Path) -> tuple[dict, dict]:
 def _preprocessing(run: Run, ds) -> dict:
     cfg = run.config.data
     src = cfg.source
-    kind = ("mnist1d" if src == "mnist1d" else "npy_folder" if (Path(src) / "x.npy").is_file()
+    from .data.shards import is_shard_spec
+
+    kind = ("mnist1d" if src == "mnist1d" else "webdataset" if is_shard_spec(src) else "npy_folder" if (Path(src) / "x.npy").is_file()
             else "image_folder" if Path(src).is_dir() else "npz")
     out = {"source": kind, "dtype": str(ds.x.dtype), "mean": cfg.mean, "std": cfg.std, "image_size": None, "channels": None, "resize": None}
-    if kind == "image_folder":
+    if kind in ("image_folder", "webdataset"):
         c, h, w = ds.input_shape
         resize = cfg.resize if cfg.resize is not None else cfg.crop
         size = ([f"scale the shorter side to {resize} (bilinear), then cut out the centre {h}x{w}"] if resize

@@ -296,8 +296,8 @@ PIPELINE_RUN = OptionGroup(
 )
 DATA_OPTIONS = OptionGroup(
     DataConfig,
-    Opt("--data", "data", to="source", default="mnist1d", show_default=True, help="Training data: an .npz (x, y, optional x_test/y_test), an image folder, or 'mnist1d'."),
-    Opt("--eval-data", to="eval_source", type=str, help="Held-out image folder (default: a sibling test/ or val/ of a train/ folder, else a stratified split)."),
+    Opt("--data", "data", to="source", default="mnist1d", show_default=True, help="Training data: an .npz (x, y, optional x_test/y_test), a folder with x.npy/y.npy (memory-mapped), an image folder, WebDataset tar shards ('shards/train-{000000..000099}.tar'; a sample without .cls is unlabeled), or 'mnist1d'."),
+    Opt("--eval-data", to="eval_source", type=str, help="Held-out image folder, or shards when --data is shards (default: a sibling test/ or val/ of a train/ folder, else a stratified split)."),
     Opt("--image-size", convert=lambda v: _list(v, int, 2, "--image-size"), type=str, callback=_check_image_size, help="HxW for image folders, e.g. 32x32 (default: the teacher's input, else the first image's)."),
     Opt("--channels", type=click.IntRange(1, 3), help="1 (grayscale) or 3 (RGB) for image folders."),
     Opt("--max-image-pixels", type=click.IntRange(min=1), help=f"Image folders: refuse an image (or an --image-size) with more pixels than this, a guard against decompression bombs (default {DataConfig.max_image_pixels:,}, PIL's)."),

@@ -54,6 +54,13 @@ def hash_file(path: str | Path) -> str:
 
 
 def _data_fingerprint(source: str) -> str:
+    from .data.shards import is_shard_spec, shard_fingerprint
+
+    if is_shard_spec(source):  # the shards' names, sizes and modification times (a pattern naming a missing shard: its text)
+        try:
+            return sha256_json(shard_fingerprint(source))
+        except CompressError:
+            return sha256_json(source)
     p = Path(source)
     if source == "mnist1d" or not p.exists():
         return sha256_json(source)
@@ -143,6 +150,8 @@ class Run:
         """Open or start the run directory for a full configuration (a new, empty or run folder only: see ownership)."""
         from .ownership import claim_run_dir
 
+        from .data.shards import is_shard_spec
+
         path = claim_run_dir(path or default_run_dir(), (cfg.data.source, cfg.data.eval_source, *(cfg.data.unlabeled or [])))
         if cfg.teacher is None:
             if cfg.data.source != "mnist1d":
@@ -162,6 +171,8 @@ class Run:
             v = getattr(cfg.data, attr)
             if v and v != "mnist1d" and Path(v).exists():
                 setattr(cfg.data, attr, str(Path(v).resolve()))
+            elif v and is_shard_spec(v) and Path(v).parent.is_dir():  # a shard pattern: its folder made absolute
+                setattr(cfg.data, attr, str(Path(v).parent.resolve() / Path(v).name))
         inputs = {
             "teacher": teacher_input,
             "data": {"source": cfg.data.source, "fingerprint": _data_fingerprint(cfg.data.source)},
@@ -316,6 +327,7 @@ class Run:
     @functools.cached_property
     def data(self):
         from .data import load_data
+        from .data.shards import is_shard_spec
 
         cfg = self.config.data
         recorded_unlabeled = self.manifest["inputs"].get("unlabeled") or []
@@ -325,7 +337,7 @@ class Run:
             if self.live:  # Run.create fingerprinted them moments ago, in this process
                 break
             if isinstance(recorded, dict) and src and recorded.get("fingerprint") != _data_fingerprint(src):
-                gone = src != "mnist1d" and not Path(src).exists()
+                gone = src != "mnist1d" and not Path(src).exists() and not is_shard_spec(src)
                 raise CompressError(f"data {src} {'no longer exists' if gone else 'changed since this run started'}",
                                     hint="rerun the whole pipeline (compress … --force), or use a new --out")
         return load_data(self.config.data, teacher_input_shape=self.teacher_input_shape, cache_dir=self.dir / "cache")

@@ -1,4 +1,5 @@
-"""Data sources: an .npz file, an image folder, or the built-in mnist1d; plus splits and checks."""
+"""Data sources: an .npz file, a folder of .npy arrays, an image folder, WebDataset tar shards, or the built-in mnist1d;
+plus splits and checks."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,12 @@ def load_data(cfg: DataConfig, *, teacher_input_shape: tuple | None = None, cach
     image_only = [flag for flag, v in (("--image-size", cfg.image_size), ("--channels", cfg.channels), ("--mean", cfg.mean),
                                         ("--std", cfg.std), ("--unlabeled", cfg.unlabeled), ("--resize", cfg.resize),
                                         ("--crop", cfg.crop)) if v is not None]
+    from .shards import is_shard_spec, load_shards
+
+    if is_shard_spec(src):  # WebDataset tar shards
+        return validate(load_shards(cfg, teacher_input_shape))
     if image_only and not (src != "mnist1d" and Path(src).is_dir()):
-        raise CompressError(f"{', '.join(image_only)} apply to image folders only, but --data {src} is not a folder",
+        raise CompressError(f"{', '.join(image_only)} apply to image folders (and shards) only, but --data {src} is not a folder",
                             hint="arrays from an .npz (or mnist1d) are used as stored: normalise them before saving, or drop those flags")
     if src == "mnist1d":
         from ._mnist1d import load_mnist1d

@@ -73,16 +73,17 @@ def _too_big(what: str, pixels: int, limit: int | None) -> CompressError | None:
                               "or raise --max-image-pixels")
 
 
-def _open(f: Path, limit: int | None):
-    """The image at f, opened lazily (header only) and checked against the pixel limit before any pixel is decoded
-    (call inside _pixel_limit)."""
+def _open(f, limit: int | None, name=None):
+    """The image at f (a path, or a file object named `name`), opened lazily (header only) and checked against the pixel
+    limit before any pixel is decoded (call inside _pixel_limit)."""
     from PIL import Image, UnidentifiedImageError
 
+    name = f if name is None else name
     try:
         im = Image.open(f)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise CompressError(f"cannot read image {f}: {exc}", hint="remove or replace the file") from None
-    err = _too_big(f"image {f} ({im.size[0]}x{im.size[1]})", im.size[0] * im.size[1], limit)
+        raise CompressError(f"cannot read image {name}: {exc}", hint="remove or replace the file") from None
+    err = _too_big(f"image {name} ({im.size[0]}x{im.size[1]})", im.size[0] * im.size[1], limit)
     if err is not None:
         im.close()
         raise err
@@ -162,18 +163,23 @@ class ImageDecoder:
         self.size, self.channels, self.resize, self.limit = tuple(size), channels, resize, cfg.max_image_pixels
         self.norm = _normalisation(cfg, channels)
 
-    def __call__(self, i: int) -> np.ndarray:
+    def source(self, i: int):
+        """(what to open: a path or a file object, its name in messages) for image i."""
         f = Path(os.fsdecode(self.files[i]))
+        return f, f
+
+    def __call__(self, i: int) -> np.ndarray:
+        src, name = self.source(i)
         if READ_LOG:
-            _log_read(f)
+            _log_read(name)
         with _pixel_limit(self.limit):
             try:
-                with _open(f, self.limit) as im:
-                    a = _pixels(im, f, self.size, self.channels, self.resize)
+                with _open(src, self.limit, name) as im:
+                    a = _pixels(im, name, self.size, self.channels, self.resize)
             except CompressError:
                 raise
             except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt pixel data, found while decoding
-                raise CompressError(f"cannot read image {f}: {exc}", hint="remove or replace the file") from None
+                raise CompressError(f"cannot read image {name}: {exc}", hint="remove or replace the file") from None
         if self.norm is not None:
             a = (a - self.norm[0]) / self.norm[1]
         return a
@@ -236,7 +242,15 @@ def _check_headers(files, limit: int | None) -> None:
             _open(Path(f), limit).close()
 
 
-def _geometry(cfg: DataConfig, teacher_input_shape: tuple | None, first: Path) -> tuple[int, tuple[int, int]]:
+def _check_headers_of(decoder, n: int, limit: int | None) -> None:
+    """_check_headers for images a decoder finds (decoder.source(i) -> a path or file object, its name)."""
+    with _pixel_limit(limit):
+        for i in range(n):
+            src, name = decoder.header(i) if hasattr(decoder, "header") else decoder.source(i)
+            _open(src, limit, name).close()
+
+
+def _geometry(cfg: DataConfig, teacher_input_shape: tuple | None, first, first_name=None) -> tuple[int, tuple[int, int]]:
     """(channels, (H, W)): flags first (--crop M is M x M), then the teacher's declared input (N, C, H, W), then the first image."""
     if cfg.crop is not None and cfg.image_size:
         raise CompressError("give either --image-size or --crop, not both", hint="--resize N --crop M is the ImageNet evaluation transform; --image-size HxW a plain resize")
@@ -250,7 +264,7 @@ def _geometry(cfg: DataConfig, teacher_input_shape: tuple | None, first: Path) -
     if cfg.resize is not None and size is None:
         raise CompressError("--resize needs --crop (or a teacher that declares its input size)", hint="e.g. --resize 256 --crop 224")
     if channels is None or size is None:
-        with _pixel_limit(cfg.max_image_pixels), _open(first, cfg.max_image_pixels) as im:
+        with _pixel_limit(cfg.max_image_pixels), _open(first, cfg.max_image_pixels, first_name) as im:
             channels = channels or (1 if im.mode in GREY_MODES else 3)
             # the size after EXIF orientation: a quarter turn swaps width and height
             turned = _orientation(im) in (5, 6, 7, 8)

@@ -24,7 +24,11 @@ def claim_out(cfg, out) -> Path:
     t = cfg.teacher
     if t is not None and not is_query_spec(t) and not Path(t).is_file():
         raise CompressError(f"teacher {t} does not exist" if not Path(t).exists() else f"teacher {t} is not a file")
-    if cfg.data.source != "mnist1d" and not Path(cfg.data.source).exists():
+    from ..data.shards import expand, is_shard_spec
+
+    if is_shard_spec(cfg.data.source):
+        expand(cfg.data.source)  # every shard there, before --out is made
+    elif cfg.data.source != "mnist1d" and not Path(cfg.data.source).exists():
         raise CompressError(f"data {cfg.data.source} does not exist", hint="pass an .npz file, an image folder, or 'mnist1d'")
     return claim_run_dir(Path(out) if out else default_run_dir(), (cfg.data.source, cfg.data.eval_source, *(cfg.data.unlabeled or [])))
 
