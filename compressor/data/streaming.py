@@ -119,17 +119,21 @@ class _Failed:
 
 
 class _Rows:
-    """A map-style torch Dataset over a LazyRows: item i is row i decoded (or the reason it could not be)."""
+    """A map-style torch Dataset over a LazyRows: item i is row i decoded (or the reason it could not be); item
+    (i, step, pos) is row i decoded and then passed through views(row, step, pos) (function matching's view of it)."""
 
-    def __init__(self, x: LazyRows):
-        self.x = x
+    def __init__(self, x: LazyRows, views=None):
+        self.x, self.views = x, views
 
     def __len__(self) -> int:
         return len(self.x)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
         try:
-            return self.x[int(i)]
+            if isinstance(key, tuple):
+                i, step, pos = key
+                return self.views(self.x[int(i)], step, pos)
+            return self.x[int(key)]
         except CompressError as exc:
             return _Failed(exc)
 
@@ -147,13 +151,13 @@ def _check(batch):
     return batch
 
 
-def _loader(x: LazyRows, batches: Iterable, workers: int):
+def _loader(x: LazyRows, batches: Iterable, workers: int, views=None):
     import torch.utils.data as tud
 
     kw = {"num_workers": workers, "collate_fn": _collate, "batch_sampler": batches}
     if workers > 0:
         kw.update(prefetch_factor=PREFETCH, persistent_workers=False)
-    return tud.DataLoader(_Rows(x), **kw)
+    return tud.DataLoader(_Rows(x, views), **kw)
 
 
 def batch_rows(x, batch_size: int) -> int:
@@ -184,23 +188,32 @@ def iter_batches(x, batch_size: int, workers: int | None = None) -> Iterator[np.
 
 class BatchStream:
     """The training loop's batches, decoded ahead in worker processes: `next_rows()` gives the rows the loop asks for at
-    each step, in the order of `plan` (a callable step -> index array, known in advance), from `start` to `stop`."""
+    each step, in the order of `plan` (a callable step -> (index array, their places in the global batch), known in
+    advance), from `start` to `stop`; with `views`, each row is decoded and then made into views(row, step, place)
+    in the worker (function matching's augmented view)."""
 
-    def __init__(self, x: LazyRows, plan, start: int, stop: int, workers: int | None = None):
-        self.x, self.plan, self.start, self.stop = x, plan, start, stop
+    def __init__(self, x: LazyRows, plan, start: int, stop: int, workers: int | None = None, views=None):
+        self.x, self.plan, self.start, self.stop, self.views = x, plan, start, stop, views
         self.workers = x.workers if workers is None else workers
         self._it = None
 
     def _batches(self):
         for step in range(self.start, self.stop):
-            yield [int(i) for i in self.plan(step)]
+            rows, places = self.plan(step)
+            if self.views is None:
+                yield [int(i) for i in rows]
+            else:
+                yield [(int(i), step, int(p)) for i, p in zip(rows, places)]
 
     def next_rows(self) -> np.ndarray:
         if self._it is None:
-            if self.workers == 0:
+            if self.workers == 0 and self.views is None:
                 self._it = (self.x[np.asarray(b, np.int64)] for b in self._batches())
+            elif self.workers == 0:
+                rows = _Rows(self.x, self.views)
+                self._it = (_collate([rows[k] for k in b]) for b in self._batches())
             else:
-                self._it = iter(_loader(self.x, self._batches(), self.workers))
+                self._it = iter(_loader(self.x, self._batches(), self.workers, self.views))
         return _check(next(self._it))
 
     def close(self) -> None:

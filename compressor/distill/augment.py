@@ -43,6 +43,24 @@ def augment(x, preset: str, gen):
     return _image(x, gen, flip=preset == "image")
 
 
+class RowViews:
+    """Function matching's view of one row, made where the row is decoded (a DataLoader worker) rather than on the
+    decoded global batch: seeded by (seed, step, the row's place in the global batch), so any number of ranks and
+    workers, and a resumed run, draw the same view of the same row, and each rank decodes only its share. For images the
+    view (reflect-pad, crop, flip) only moves pixels, so making it after --mean/--std equals making it on the uint8
+    image. (mixup/cutmix blend rows of the whole batch and stay on the batch.)"""
+
+    def __init__(self, preset: str, seed: int):
+        self.preset, self.seed = preset, int(seed)
+
+    def __call__(self, row, step: int, pos: int):
+        import numpy as np
+        import torch
+
+        gen = torch.Generator().manual_seed(int(np.random.default_rng([self.seed, 7, int(step), int(pos)]).integers(2**62)))
+        return augment(torch.from_numpy(np.ascontiguousarray(row)[None]), self.preset, gen)[0].numpy()
+
+
 def _rand(shape, x, gen):
     import torch
 

@@ -401,7 +401,9 @@ class _Trainer:
         gidx = _batch_indices(self.step, self.rows, cfg.batch_size, cfg.seed)
         idx = torch.from_numpy(gidx).to(self.device)
         share = slice(self.rank, None, self.world)  # this rank's rows of the global batch
-        whole = self.preset != "none" or self.mixing  # augmentation and mixing work on the whole global batch
+        # mixing blends rows of the whole global batch, and so does augmentation of rows in memory (on the device);
+        # rows on disk get their augmented views row by row where they are decoded (augment.RowViews), this rank's only
+        whole = self.mixing or (self.preset != "none" and not self.lazy)
         if self.lazy:
             xb, yb = self._stream_rows(whole), self.yt[idx]
             if not whole:  # the stream decoded this rank's share only
@@ -441,8 +443,14 @@ class _Trainer:
 
             def plan(step):
                 g = _batch_indices(step, self.rows, cfg.batch_size, cfg.seed)
-                return g if whole else g[rank::world]
-            self.stream = BatchStream(self.xt, plan, self.step, self.steps)
+                places = np.arange(len(g))
+                return (g, places) if whole else (g[rank::world], places[rank::world])
+            views = None
+            if not whole and self.preset != "none":
+                from .augment import RowViews
+
+                views = RowViews(self.preset, cfg.seed)
+            self.stream = BatchStream(self.xt, plan, self.step, self.steps, views=views)
         return torch.from_numpy(self.stream.next_rows()).to(self.device)
 
     def _augment(self, xb, yb):
