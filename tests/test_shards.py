@@ -135,7 +135,9 @@ def test_two_ranks_over_shards_read_their_shares_and_match_one_process(tmp_path)
     cache = [np.load(tmp_path / f"run{n}" / "cache" / "teacher_pool_logits.npy") for n in (1, 2)]
     np.testing.assert_allclose(cache[0], cache[1], atol=1e-5, rtol=1e-5)
     one, r0, r1 = len(reads[1]), sum(r == "0" for r, _ in reads[2]), sum(r == "1" for r, _ in reads[2])
-    # validation rows (decoded once per rank: every rank validates) aside, the ranks split the reads between them
-    assert one > 40 and r0 + r1 <= one * 1.3 and max(r0, r1) <= 0.75 * one, (one, r0, r1)
+    # the pool's pass, the training batches and the validation rows are split between the ranks (the held-out rows are
+    # read once, by rank 0): together they read what one process reads, plus the few rows each rank's startup probes
+    # (the teacher and the student are probed on the first 2 rows, a few times)
+    assert one > 40 and one <= r0 + r1 <= one + 8 and max(r0, r1) <= 0.7 * one, (one, r0, r1)
     m = json.loads((tmp_path / "run2" / "manifest.json").read_text())
     assert m["inputs"]["data"]["source"] == spec  # absolute: later stages read the same shards

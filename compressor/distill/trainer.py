@@ -76,8 +76,9 @@ def eval_batch_size(x, batch_size: int) -> int:
     return 2048 if fits >= 2048 else max(1, min(batch_size, fits))
 
 
-def _accuracy(module, x, y, device, batch_size=2048) -> float:
-    """Accuracy on (x, y): tensors on the device, or rows on disk (LazyRows) decoded a batch at a time."""
+def _correct(module, x, y, device, batch_size=2048) -> int:
+    """Rows of (x, y) the module classifies correctly: x tensors on the device, or rows on disk (LazyRows) decoded a
+    batch at a time."""
     import torch
 
     from ..data.streaming import is_lazy, iter_batches
@@ -92,7 +93,7 @@ def _accuracy(module, x, y, device, batch_size=2048) -> float:
         for i, xb in zip(range(0, len(x), batch_size), batches):
             correct += int((module(xb).argmax(1) == y[i:i + batch_size]).sum())
     module.train()
-    return correct / max(1, len(x))
+    return correct
 
 
 class _Progress:
@@ -292,6 +293,12 @@ class _Trainer:
         # the teacher's cached outputs for pool rows on disk stay memory-mapped (an ArrayRows): read a batch at a time
         self.tt = (teacher_logits if is_lazy(teacher_logits) else torch.from_numpy(np.asarray(teacher_logits)).to(device)
                    if teacher_logits is not None else None)
+        self.val_rows = len(y_val)
+        if self.world > 1:  # each rank validates (and decodes) rows rank, rank + world, …; the counts are summed
+            from ..data.streaming import take
+
+            share = np.arange(self.rank, len(y_val), self.world)
+            x_val, y_val = take(x_val, share), y_val[share]
         if is_lazy(x_val) and x_val.size * x_val.dtype.itemsize <= VAL_IN_MEMORY_BYTES:  # decoded once, not at every evaluation
             from ..data.streaming import iter_batches
 
@@ -506,9 +513,21 @@ class _Trainer:
         elif self.step % 20 == 0 and progress:
             progress.update(self.step, loss_value)
 
+    def _val_accuracy(self) -> float:
+        """Accuracy on the validation split: under torchrun each rank's share, the correct counts summed over ranks."""
+        correct = _correct(self.raw, self.xv, self.yv, self.device, self.eval_batch)
+        if self.world > 1:
+            import torch
+            import torch.distributed as dist
+
+            t = torch.tensor([correct], dtype=torch.int64, device=self.device)
+            dist.all_reduce(t)
+            correct = int(t.item())
+        return correct / max(1, self.val_rows)
+
     def _evaluate(self, loss_value: float, progress) -> None:
         """Validation accuracy; the best weights kept (ties go to the later, longer-trained ones); a checkpoint written."""
-        acc = _accuracy(self.raw, self.xv, self.yv, self.device, self.eval_batch)
+        acc = self._val_accuracy()
         self.module.train()
         self.history.append({"step": self.step, "loss": loss_value, "val_accuracy": acc})
         if acc >= self.best_acc:
