@@ -115,7 +115,9 @@ TEXT = ["", " ", "  x  ", "a b", "'", '"', "x'y\"z", "\\", "-", "--", "-x", "--h
 PATHS = ["", ".", "./", "nope/missing.npz", "empty", "user", "user/notes.txt", "user/x", "fifo", "zero", "/dev/zero", "/dev/null",
          "loop", "loopa", "dangling", "linkdir", "linkdir/x/f", "/", "junk.bin", "data.npz", "teacher.pt", "images", "images/a",
          "run", "run/report.json", "run/manifest.json", "rep.json", "dev.json", "dev-nosha.json", "wrong.json", "target.toml",
-         "bad.toml", "gate.toml", "baseline", "student.py", "sp ace", "q'uote", "nl\nname", os.fsdecode(b"\xff\xfe"), "-", "--x"]
+         "bad.toml", "gate.toml", "baseline", "student.py", "sp ace", "q'uote", "nl\nname", os.fsdecode(b"\xff\xfe"), "-", "--x",
+         # WebDataset shard patterns: missing shards, a range that would expand to 10^11 names, nested braces, a junk "shard"
+         "s-{0..2}.tar", "s-{0..99999999999}.tar", "s-{a,{0..9999999999}}.tar", "junk.bin.tar", "{}.tar"]
 NEW_NAMES = ["o", "o d", "o'\"q", f"o$(touch {REL_MARKER})", "o\nx", os.fsdecode(b"o\xff"), "sub/dir/o", f"o;touch {REL_MARKER}", "-o",
              "o.tar.gz", "o\\x", " o", "o*", "\u202eo"]
 RUN_NAMES = ["r", "r d", "r'\"q", f"r$(touch {REL_MARKER})", "r\nx", os.fsdecode(b"r\xff"), f"r;touch {REL_MARKER}", "r`x`", "-r", "r\\y"]

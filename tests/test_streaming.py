@@ -112,6 +112,15 @@ def test_bad_unlabeled_folders_are_refused(tmp_path, where):
         load_data(DataConfig(source=str(root / "train"), unlabeled=[str(path)]))
 
 
+def test_a_huge_resize_is_refused_like_a_decompression_bomb(tmp_path):
+    """--resize scales the whole image before the crop: --resize 100000 would make a 100000 x 125000 copy of a 20x16
+    image (12.5 G pixels); it is refused by --max-image-pixels with the image's name, as a bomb's header is."""
+    root = _images(tmp_path / "d", 2)
+    ds = load_data(DataConfig(source=str(root / "train"), resize=100000, crop=8, workers=0))
+    with pytest.raises(CompressError, match=r"--resize 100000 scales image .*\.png \(20x16\) to 125000x100000, which is 12,500,000,000 pixels, over the limit"):
+        ds.x[0]
+
+
 def test_resize_then_centre_crop(tmp_path):
     from PIL import Image
 

@@ -90,7 +90,7 @@ def _open(f, limit: int | None, name=None):
     return im
 
 
-def _fit(im, size: tuple[int, int], resize: int | None):
+def _fit(im, size: tuple[int, int], resize: int | None, limit: int | None = None, name=None):
     """The PIL image at `size` (H, W): resized to it (bilinear); or, with resize, its shorter side scaled to `resize`
     (bilinear) and the centre `size` cut out, the usual ImageNet evaluation transform."""
     from PIL import Image
@@ -101,13 +101,16 @@ def _fit(im, size: tuple[int, int], resize: int | None):
     w, h = im.size
     scale = resize / min(w, h)
     nw, nh = max(hw[0], round(w * scale)), max(hw[1], round(h * scale))
+    err = _too_big(f"--resize {resize} scales image {name} ({w}x{h}) to {nw}x{nh}, which", nw * nh, limit)
+    if err is not None:  # the scaled copy is made before the crop: a huge --resize is a decompression bomb of its own
+        raise err
     if (nw, nh) != (w, h):
         im = im.resize((nw, nh), Image.BILINEAR)
     left, top = (nw - hw[0]) // 2, (nh - hw[1]) // 2
     return im.crop((left, top, left + hw[0], top + hw[1]))
 
 
-def _pixels(im, f: Path, size: tuple[int, int], channels: int, resize: int | None = None) -> np.ndarray:
+def _pixels(im, f: Path, size: tuple[int, int], channels: int, resize: int | None = None, limit: int | None = None) -> np.ndarray:
     """One image as float32 (channels, H, W) in [0, 1], EXIF-oriented, at `size` (bilinear; see _fit for resize)."""
     from PIL import Image, ImageOps
 
@@ -126,7 +129,7 @@ def _pixels(im, f: Path, size: tuple[int, int], channels: int, resize: int | Non
                 raise CompressError(f"image {f} holds integers (mode {mode}) from {int(a.min())} to {int(a.max())}, outside 0..65535; "
                                     "their scale is unknown", hint="save it as an 8- or 16-bit image")
             a = a.astype(np.float32) / MAX_16BIT
-        g = _fit(Image.fromarray(np.ascontiguousarray(a, np.float32)), size, resize)  # mode F: bilinear in float, no 8-bit rounding
+        g = _fit(Image.fromarray(np.ascontiguousarray(a, np.float32)), size, resize, limit, f)  # mode F: bilinear in float, no 8-bit rounding
         a = np.asarray(g, np.float32)[None]
         return np.repeat(a, 3, axis=0) if channels == 3 else a
     if mode not in EIGHT_BIT_MODES:
@@ -135,7 +138,7 @@ def _pixels(im, f: Path, size: tuple[int, int], channels: int, resize: int | Non
         im = im.convert("RGBA")
     elif mode == "La":
         im = im.convert("LA")
-    im = _fit(im.convert("L" if channels == 1 else "RGB"), size, resize)
+    im = _fit(im.convert("L" if channels == 1 else "RGB"), size, resize, limit, f)
     a = np.asarray(im, np.float32) / 255.0
     return a[None] if channels == 1 else a.transpose(2, 0, 1)
 
@@ -175,7 +178,7 @@ class ImageDecoder:
         with _pixel_limit(self.limit):
             try:
                 with _open(src, self.limit, name) as im:
-                    a = _pixels(im, name, self.size, self.channels, self.resize)
+                    a = _pixels(im, name, self.size, self.channels, self.resize, self.limit)
             except CompressError:
                 raise
             except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt pixel data, found while decoding

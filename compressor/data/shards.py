@@ -34,10 +34,30 @@ def is_shard_spec(source) -> bool:
     return isinstance(source, str) and source != "mnist1d" and source.endswith(".tar")
 
 
+_RANGE = re.compile(r"\{(-?\d+|[A-Za-z])\.\.(-?\d+|[A-Za-z])(?:\.\.(-?\d+))?\}")
+_LIST = re.compile(r"\{[^{}]*,[^{}]*\}")
+
+
+def _names_count(spec: str) -> int:
+    """How many names a brace pattern expands to, counted without expanding it (braceexpand builds a range's every name
+    at once, so 'x-{0..99999999999}.tar' would take the machine's memory); nested braces count their outer group only
+    as a lower bound and are rare in shard lists."""
+    n = 1
+    for m in _RANGE.finditer(spec):
+        a, b, step = m.group(1), m.group(2), abs(int(m.group(3) or 1)) or 1
+        lo, hi = (int(a), int(b)) if a.lstrip("-").isdigit() and b.lstrip("-").isdigit() else (ord(a[0]), ord(b[0]))
+        n *= abs(hi - lo) // step + 1
+    for m in _LIST.finditer(spec):
+        n *= m.group(0).count(",") + 1
+    return n
+
+
 def expand(spec: str) -> list[Path]:
     """The shard files a spec names ('a-{000..009}.tar', 'a-{x,y}.tar' or one path), each checked to be a regular file."""
     from braceexpand import braceexpand
 
+    if _names_count(spec) > MAX_SHARDS or spec.count("{") > 8:
+        raise CompressError(f"--data {spec} names more than {MAX_SHARDS:,} shards", hint="use fewer, larger shards")
     try:
         names = []
         for n in braceexpand(spec):
