@@ -6,9 +6,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -19,7 +16,7 @@ from compressor.config import DataConfig
 from compressor.data import load_data
 from compressor.errors import CompressError
 
-from test_streaming import _images, _teacher
+from test_streaming import _images, _teacher, one_and_two_ranks
 
 wds = pytest.importorskip("webdataset", reason="tests write shards with webdataset's ShardWriter (pip install webdataset)")
 
@@ -108,30 +105,10 @@ def test_a_shard_pattern_naming_missing_files_is_refused_before_out_is_made(tmp_
 def test_two_ranks_over_shards_read_their_shares_and_match_one_process(tmp_path):
     """torchrun with 2 gloo processes over shards: the same student as 1 process, the same teacher outputs, and each rank
     decodes about half of the pool's samples (COMPRESSOR_READ_LOG counts every decode by rank)."""
-    import torch
-
     root = _images(tmp_path / "d", 12, unlabeled=12)
     teacher = _teacher(root)
     spec, _, _ = _shards(root, tmp_path / "shards", per_shard=10)
-    (tmp_path / "students.py").write_text(
-        "import torch.nn as nn\n"
-        "def net(input_shape, num_classes):\n"
-        "    return nn.Sequential(nn.Conv2d(input_shape[0], 8, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),\n"
-        "                         nn.Flatten(), nn.Linear(32, num_classes))\n")
-    reads = {}
-    for n in (1, 2):
-        log = tmp_path / f"reads{n}.txt"
-        argv = [sys.executable, "-m", "compressor.cli", "distill", "--teacher", str(teacher), "--data", spec,
-                "--image-size", "16x20", "--workers", "0", "--steps", "20", "--batch-size", "8", "--no-baseline",
-                "--skip-preflight", "--teacher-output", "logits", "--device", "cpu", "--nproc-per-node", str(n), "--out", str(tmp_path / f"run{n}"),
-                "--student", f"{tmp_path / 'students.py'}:net"]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**os.environ, "COMPRESSOR_READ_LOG": str(log)})
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        reads[n] = [ln.split(" ", 1) for ln in log.read_text().splitlines()]
-    a = torch.load(tmp_path / "run1" / "student.pt", weights_only=True)
-    b = torch.load(tmp_path / "run2" / "student.pt", weights_only=True)
-    for k in a:
-        np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), atol=2e-3, rtol=1e-3, err_msg=k)
+    _, _, reads = one_and_two_ranks(tmp_path, teacher, ["--data", spec, "--image-size", "16x20"])  # the same student from both
     cache = [np.load(tmp_path / f"run{n}" / "cache" / "teacher_pool_logits.npy") for n in (1, 2)]
     np.testing.assert_allclose(cache[0], cache[1], atol=1e-5, rtol=1e-5)
     one, r0, r1 = len(reads[1]), sum(r == "0" for r, _ in reads[2]), sum(r == "1" for r, _ in reads[2])

@@ -222,20 +222,15 @@ def test_the_teacher_pass_writes_its_outputs_to_disk_a_batch_at_a_time(tmp_path)
     assert sorted(p.name for p in bad.parent.iterdir()) == ["pool.npy"]
 
 
-@pytest.mark.parametrize("augment", ["none", "image"])
-def test_two_ranks_stream_their_shares_and_match_one_process(tmp_path, augment):
-    """torchrun with 2 gloo processes over a streaming image folder: the same student as 1 process (within float
-    tolerance), and each rank decodes only its share: the teacher's pass splits the pool, each step's batch is split.
-    With function matching (--augment image, the teacher online) each row's view is made where it is decoded, seeded by
-    its place in the global batch, so the ranks still read only their shares and see the views one process sees."""
+def one_and_two_ranks(tmp_path: Path, teacher: Path, data_args: list[str]):
+    """`compress distill` over data_args with 1, then 2 torchrun gloo processes (20 steps at batch 8, no decoding
+    workers); returns (the two students' state dicts, {n: [(rank, file) for every decode]} from COMPRESSOR_READ_LOG)."""
     import os
     import subprocess
     import sys
 
     import torch
 
-    root = _images(tmp_path / "d", 12, unlabeled=12)
-    teacher = _teacher(root)
     # a student without BatchNorm: on CPU, DDP keeps per-rank batch statistics (SyncBatchNorm is CUDA's), which would
     # differ from one process's whatever the data path
     (tmp_path / "students.py").write_text(
@@ -246,22 +241,35 @@ def test_two_ranks_stream_their_shares_and_match_one_process(tmp_path, augment):
     reads = {}
     for n in (1, 2):
         log = tmp_path / f"reads{n}.txt"
-        argv = [sys.executable, "-m", "compressor.cli", "distill", "--teacher", str(teacher), "--data", str(root / "train"),
-                "--unlabeled", str(root / "unlabeled"), "--workers", "0", "--steps", "20", "--batch-size", "8", "--no-baseline",
-                "--skip-preflight", "--teacher-output", "logits", "--device", "cpu", "--nproc-per-node", str(n), "--out", str(tmp_path / f"run{n}"),
-                "--student", f"{tmp_path / 'students.py'}:net", "--augment", augment]
+        argv = [sys.executable, "-m", "compressor.cli", "distill", "--teacher", str(teacher), *data_args, "--workers", "0",
+                "--steps", "20", "--batch-size", "8", "--no-baseline", "--skip-preflight", "--teacher-output", "logits",
+                "--device", "cpu", "--nproc-per-node", str(n), "--out", str(tmp_path / f"run{n}"), "--student", f"{tmp_path / 'students.py'}:net"]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**os.environ, "COMPRESSOR_READ_LOG": str(log)})
         assert proc.returncode == 0, proc.stderr[-3000:]
         reads[n] = [ln.split(" ", 1) for ln in log.read_text().splitlines()]
-    a = torch.load(tmp_path / "run1" / "student.pt", weights_only=True)
-    b = torch.load(tmp_path / "run2" / "student.pt", weights_only=True)
+    a, b = (torch.load(tmp_path / f"run{n}" / "student.pt", weights_only=True) for n in (1, 2))
+    for k in a:  # the same global batches and averaged gradients: equal up to floating-point order
+        np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), atol=2e-3, rtol=1e-3, err_msg=k)
+    return a, b, reads
+
+
+@pytest.mark.parametrize("augment", ["none", "image"])
+def test_two_ranks_stream_their_shares_and_match_one_process(tmp_path, augment):
+    """torchrun with 2 gloo processes over a streaming image folder: the same student as 1 process (within float
+    tolerance), and each rank decodes only its share: the teacher's pass splits the pool, each step's batch is split.
+    With function matching (--augment image, the teacher online) each row's view is made where it is decoded, seeded by
+    its place in the global batch, so the ranks still read only their shares and see the views one process sees."""
+    import os
+
+    root = _images(tmp_path / "d", 12, unlabeled=12)
+    teacher = _teacher(root)
+    _, _, reads = one_and_two_ranks(tmp_path, teacher, ["--data", str(root / "train"), "--unlabeled", str(root / "unlabeled"),
+                                                        "--augment", augment])
     if augment == "none":  # the teacher's pass, split across the ranks and gathered a batch at a time: the same cache
         cache = [np.load(tmp_path / f"run{n}" / "cache" / "teacher_pool_logits.npy") for n in (1, 2)]
         np.testing.assert_allclose(cache[0], cache[1], atol=1e-5, rtol=1e-5)
     else:  # online: no pool pass at all
         assert not (tmp_path / "run1" / "cache" / "teacher_pool_logits.npy").exists()
-    for k in a:  # the same global batches and averaged gradients: equal up to floating-point order
-        np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), atol=2e-3, rtol=1e-3, err_msg=k)
     # The unlabeled images are read only by the teacher's pass over the pool and by training batches (never for
     # validation, the held-out set or a probe; --teacher-output logits skips the detection sample): 2 ranks read each
     # of those exactly as often between them as 1 process does alone, and each rank about half of it.
