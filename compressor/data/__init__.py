@@ -20,7 +20,7 @@ def load_data(cfg: DataConfig, *, teacher_input_shape: tuple | None = None, cach
     if is_shard_spec(src):  # WebDataset tar shards
         return validate(load_shards(cfg, teacher_input_shape))
     if image_only and not (src != "mnist1d" and Path(src).is_dir()):
-        raise CompressError(f"{', '.join(image_only)} apply to image folders (and shards) only, but --data {src} is not a folder",
+        raise CompressError(f"{', '.join(image_only)} apply to image folders only (and shards), but --data {src} is not a folder",
                             hint="arrays from an .npz (or mnist1d) are used as stored: normalise them before saving, or drop those flags")
     if src == "mnist1d":
         from ._mnist1d import load_mnist1d

@@ -3,6 +3,7 @@ outputs for every pool row, computed once and cached in the run folder (memory-m
 or the teacher run online on every batch (function matching, mixing, hints)."""
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -93,7 +94,7 @@ def _shared_pass(teacher, x, batch_size: int, device: str, cache) -> None:
         rank, world, _ = init_distributed(pick_device(device))
     mine = np.arange(rank, n, world)
     bs = batch_rows(x, batch_size)
-    rounds = -(-(-(-n // world)) // bs)  # batches of the largest rank's share
+    rounds = math.ceil(math.ceil(n / world) / bs)  # batches in the largest rank's share
     parts = _ranks_batches(teacher, take(x, mine), bs, rounds)
     with atomic_path(cache) as tmp:
         out = None
