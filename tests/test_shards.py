@@ -65,6 +65,9 @@ def test_shards_read_like_the_image_folder_they_were_made_from(tmp_path):
     ("no-image", "sample a1 has no image"),
     ("bad-label", "holds b'cat', not an integer class"),
     ("unlabeled-flag", "--unlabeled takes image folders, but --data is a list of shards"),
+    ("huge-label", "holds class 99999999999999999999; classes are 0, 1"),
+    ("truncated", "ends in the middle of a file: it is cut short"),
+    ("empty", "the shards hold no samples"),
     ("corrupt", "cannot read image .*:s00"),
 ])
 def test_bad_shards_get_one_clear_error(tmp_path, case, message):
@@ -73,16 +76,23 @@ def test_bad_shards_get_one_clear_error(tmp_path, case, message):
     cfg = {}
     if case == "missing":
         spec = str(tmp_path / "shards" / "train-{000000..000009}.tar")
-    elif case in ("gzip", "no-image", "bad-label"):
+    elif case in ("gzip", "no-image", "bad-label", "huge-label", "truncated", "empty"):
         spec = str(tmp_path / "bad.tar")
-        members = {"gzip": [], "no-image": [("a1.json", b"{}")], "bad-label": [("a1.png", (root / "train" / "c0" / "0.png").read_bytes()), ("a1.cls", b"cat")]}[case]
+        png = (root / "train" / "c0" / "0.png").read_bytes()
+        members = {"gzip": [], "truncated": [], "no-image": [("a1.json", b"{}")], "bad-label": [("a1.png", png), ("a1.cls", b"cat")],
+                   "huge-label": [("a1.png", png), ("a1.cls", b"99999999999999999999")], "empty": [("dir/", None)]}[case]
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tf:
-            for name, data in members or [("a1.png", (root / "train" / "c0" / "0.png").read_bytes())]:
+            for name, data in members or [("a1.png", png), ("b2.png", png)]:
                 info = tarfile.TarInfo(name)
+                if data is None:
+                    info.type = tarfile.DIRTYPE
+                    tf.addfile(info)
+                    continue
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
-        Path(spec).write_bytes(gzip.compress(buf.getvalue()) if case == "gzip" else buf.getvalue())
+        raw = buf.getvalue()
+        Path(spec).write_bytes(gzip.compress(raw) if case == "gzip" else raw[:512 + len(png) // 2] if case == "truncated" else raw)
     elif case == "unlabeled-flag":
         cfg["unlabeled"] = (str(root / "unlabeled"),)
     elif case == "corrupt":  # a sample's bytes overwritten with junk (same size): found by the check before training

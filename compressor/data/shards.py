@@ -92,7 +92,7 @@ def _label(shard: Path, name: str, raw: bytes) -> int:
     except (UnicodeDecodeError, ValueError):
         raise CompressError(f"shard {shard}: {name} holds {raw[:40]!r}, not an integer class",
                             hint="a .cls member holds the class index as text, e.g. b'3' (-1 or no .cls: unlabeled)") from None
-    if v < -1:
+    if v < -1 or v > 2**31 - 1:
         raise CompressError(f"shard {shard}: {name} holds class {v}; classes are 0, 1, … (-1: unlabeled)")
     return v
 
@@ -120,6 +120,9 @@ def scan_shard(path: Path) -> list[tuple[str, int, int, int]]:
                                             hint="keep one image per sample key")
                     s.image = (m.offset_data, m.size, ext)
     except tarfile.ReadError as exc:
+        if "unexpected end" in str(exc):
+            raise CompressError(f"shard {path} ends in the middle of a file: it is cut short ({exc})",
+                                hint="copy or write the shard again") from None
         raise CompressError(f"shard {path} is not an uncompressed tar file ({exc})",
                             hint="write shards as plain .tar (webdataset's ShardWriter does): a compressed tar cannot be read at random") from None
     except OSError as exc:
