@@ -53,6 +53,11 @@ def test_shards_read_like_the_image_folder_they_were_made_from(tmp_path):
     ref, _ = read_images([(items[n][0], 0) for n in order], (16, 20), 3, cfg)
     np.testing.assert_array_equal(np.asarray(x), ref)
     np.testing.assert_array_equal(y, [items[n][1] for n in order])
+    from compressor.data.shards import first_sample_decoder
+
+    dec, name = first_sample_decoder(spec, (16, 20), 3, cfg)  # what the bench times as the preprocessing of one frame
+    np.testing.assert_array_equal(dec(0), np.asarray(x[0]))
+    assert name.endswith("train-000000.tar:s%05d" % order[0])
     ds = load_data(DataConfig(source=spec, image_size=(16, 20), heldout_fraction=0.2, workers=0))
     assert len(ds.y) + len(ds.y_test) == len(items) == 21
     assert (ds.y == -1).sum() == 6 and (ds.y_test >= 0).all() and len(ds.y_test) == 3

@@ -193,14 +193,24 @@ def preprocessing_time(run, cfg: BenchConfig) -> dict | None:
 
     from ..data.image_folder import read_images, scan_image_folder
 
-    root = _Path(run.config.data.source)
-    if not root.is_dir():
+    from ..data.shards import first_sample_decoder, is_shard_spec
+
+    src, shape = run.config.data.source, run.data.input_shape
+    if len(shape) != 3:
         return None
-    items = scan_image_folder(root)[1][:1]
-    shape = run.data.input_shape
-    if not items or len(shape) != 3:
-        return None
-    lat = measure(lambda: read_images(items, (shape[1], shape[2]), shape[0], run.config.data), warmup_ms=cfg.warmup_ms / 2, warmup_runs=cfg.warmup_runs,
-                  min_runs=cfg.min_runs, min_duration_s=cfg.min_duration_s)
-    return {"what": "decode, convert, resize, scale and normalise one image file (PIL), as the tool reads its data", "image": str(items[0][0]),
-            "latency_ms": lat}
+    if is_shard_spec(src):  # one sample of the first shard: read at its offset, then decoded as a file would be
+        dec, name = first_sample_decoder(src, (shape[1], shape[2]), shape[0], run.config.data)
+        what, fn = "read one sample's image from its shard, decode, convert, resize, scale and normalise it (PIL)", lambda: dec(0)
+    else:
+        root = _Path(src)
+        if not root.is_dir() or (root / "x.npy").is_file():
+            return None
+        items = scan_image_folder(root)[1][:1]
+        if not items:
+            return None
+        name, what = str(items[0][0]), "decode, convert, resize, scale and normalise one image file (PIL), as the tool reads its data"
+
+        def fn():
+            return read_images(items, (shape[1], shape[2]), shape[0], run.config.data)
+    lat = measure(fn, warmup_ms=cfg.warmup_ms / 2, warmup_runs=cfg.warmup_runs, min_runs=cfg.min_runs, min_duration_s=cfg.min_duration_s)
+    return {"what": what, "image": name, "latency_ms": lat}

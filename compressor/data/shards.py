@@ -216,6 +216,15 @@ def _rows(spec: str, cfg: DataConfig, teacher_input_shape, geometry=None):
     return LazyRows(dec, len(index), (channels, *size), workers=cfg.workers), y, (channels, size)
 
 
+def first_sample_decoder(spec: str, size, channels: int, cfg: DataConfig) -> tuple[ShardDecoder, str]:
+    """(a decoder whose row 0 is the first sample of the first shard, that sample's name): reads one shard's headers."""
+    shards = expand(spec)[:1]
+    key, off, n, _ = scan_shard(shards[0])[0]
+    index = np.array([(0, off, n, key.encode("utf-8", "surrogateescape"))],
+                     dtype=[("shard", np.int32), ("offset", np.int64), ("size", np.int64), ("key", f"S{max(1, len(key.encode()))}")])
+    return ShardDecoder(shards, index, size, channels, cfg), f"{shards[0]}:{key}"
+
+
 def shard_fingerprint(spec: str) -> list:
     """What identifies the shards without reading them: each file's name, size and modification time."""
     return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in expand(spec)]
