@@ -305,3 +305,19 @@ def test_a_folder_of_npy_arrays_is_memory_mapped_and_trains_like_the_npz(tiny, t
     np.save(folder / "x.npy", arrays["x"].astype(np.float64))
     with pytest.raises(CompressError, match="must be float32"):
         load_data(DataConfig(source=str(folder)))
+
+
+def test_the_bench_preprocessing_row_skips_a_folder_of_npy_arrays(tmp_path):
+    """A folder of .npy arrays is a directory but no image folder: the bench has no per-frame preprocessing to time for
+    it (it raised 'has no class sub-folders' and failed the bench stage)."""
+    from types import SimpleNamespace
+
+    from compressor.bench.runner_bench import preprocessing_time
+    from compressor.config import BenchConfig
+
+    folder = tmp_path / "arrays"
+    folder.mkdir()
+    np.save(folder / "x.npy", np.zeros((8, 3, 4, 4), np.float32))
+    np.save(folder / "y.npy", np.zeros(8, np.int64))
+    run = SimpleNamespace(config=SimpleNamespace(data=DataConfig(source=str(folder))), data=SimpleNamespace(input_shape=(3, 4, 4)))
+    assert preprocessing_time(run, BenchConfig()) is None
