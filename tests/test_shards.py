@@ -73,6 +73,7 @@ def test_shards_read_like_the_image_folder_they_were_made_from(tmp_path):
     ("huge-label", "holds class 99999999999999999999; classes are 0, 1"),
     ("truncated", "ends in the middle of a file: it is cut short"),
     ("empty", "the shards hold no samples"),
+    ("eval-overlap", "--eval-data and --data name the same shard"),
     ("corrupt", "cannot read image .*:s00"),
 ])
 def test_bad_shards_get_one_clear_error(tmp_path, case, message):
@@ -98,6 +99,8 @@ def test_bad_shards_get_one_clear_error(tmp_path, case, message):
                 tf.addfile(info, io.BytesIO(data))
         raw = buf.getvalue()
         Path(spec).write_bytes(gzip.compress(raw) if case == "gzip" else raw[:512 + len(png) // 2] if case == "truncated" else raw)
+    elif case == "eval-overlap":
+        cfg["eval_source"] = str(tmp_path / "shards" / "train-000001.tar")
     elif case == "unlabeled-flag":
         cfg["unlabeled"] = (str(root / "unlabeled"),)
     elif case == "corrupt":  # a sample's bytes overwritten with junk (same size): found by the check before training

@@ -240,6 +240,10 @@ def load_shards(cfg: DataConfig, teacher_input_shape: tuple | None) -> Dataset:
     if cfg.eval_source:
         if not is_shard_spec(cfg.eval_source):
             raise CompressError(f"--eval-data {cfg.eval_source} is not a shard list (…tar), but --data is", hint="give the held-out samples as shards too")
+        both = {p.resolve() for p in expand(cfg.source)} & {p.resolve() for p in expand(cfg.eval_source)}
+        if both:
+            raise CompressError(f"--eval-data and --data name the same shard ({sorted(both)[0]}): its samples would be trained on and "
+                                "held out at once", hint="keep the held-out samples in shards of their own")
         xt, yt, _ = _rows(cfg.eval_source, cfg, teacher_input_shape, geo)
         if (yt < 0).any():
             raise CompressError(f"--eval-data {cfg.eval_source}: {int((yt < 0).sum())} samples have no class (.cls); every held-out sample needs one")
