@@ -253,7 +253,7 @@ def _check_headers(files, limit: int | None) -> None:
             pass
 
 
-def _check_headers_of(decoder, n: int, limit: int | None) -> None:
+def check_headers_of(decoder, n: int, limit: int | None) -> None:
     """_check_headers for images a decoder finds (decoder.source(i) -> a path or file object, its name)."""
     with _pixel_limit(limit):
         for i in range(n):
@@ -261,7 +261,7 @@ def _check_headers_of(decoder, n: int, limit: int | None) -> None:
             _open(src, limit, name).close()
 
 
-def _geometry(cfg: DataConfig, teacher_input_shape: tuple | None, first, first_name=None) -> tuple[int, tuple[int, int]]:
+def image_geometry(cfg: DataConfig, teacher_input_shape: tuple | None, first, first_name=None) -> tuple[int, tuple[int, int]]:
     """(channels, (H, W)): flags first (--crop M is M x M), then the teacher's declared input (N, C, H, W), then the first image."""
     if cfg.crop is not None and cfg.image_size:
         raise CompressError("give either --image-size or --crop, not both", hint="--resize N --crop M is the ImageNet evaluation transform; --image-size HxW a plain resize")
@@ -308,7 +308,7 @@ def load_image_folder(cfg: DataConfig, teacher_input_shape: tuple | None):
     root = Path(cfg.source)
     classes, items = scan_image_folder(root)
     unlabeled = scan_unlabeled(cfg.unlabeled or [], root)
-    channels, size = _geometry(cfg, teacher_input_shape, items[0][0])
+    channels, size = image_geometry(cfg, teacher_input_shape, items[0][0])
     files = [f for f, _ in items] + unlabeled
     y = np.asarray([c for _, c in items] + [-1] * len(unlabeled), np.int64)
     held_root = _heldout_root(root, cfg)

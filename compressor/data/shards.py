@@ -21,7 +21,7 @@ import numpy as np
 from ..config import DataConfig
 from ..errors import CompressError
 from .dataset import Dataset, stratified_split
-from .image_folder import IMAGE_EXTENSIONS, ImageDecoder, _check_headers_of, _geometry
+from .image_folder import IMAGE_EXTENSIONS, ImageDecoder, check_headers_of, image_geometry
 
 MAX_SHARDS = 100_000
 HEADER_BYTES = 256 << 10  # read of each image by the check before training: its header, not its pixels
@@ -210,9 +210,9 @@ def _rows(spec: str, cfg: DataConfig, teacher_input_shape, geometry=None):
 
     shards, index, y = index_shards(spec)
     probe = ShardDecoder(shards, index, (1, 1), 1, cfg)
-    channels, size = geometry or _geometry(cfg, teacher_input_shape, *probe.source(0))
+    channels, size = geometry or image_geometry(cfg, teacher_input_shape, *probe.source(0))
     dec = ShardDecoder(shards, index, size, channels, cfg)
-    _check_headers_of(dec, len(index), cfg.max_image_pixels)
+    check_headers_of(dec, len(index), cfg.max_image_pixels)
     return LazyRows(dec, len(index), (channels, *size), workers=cfg.workers), y, (channels, size)
 
 
