@@ -164,6 +164,18 @@ def _check_norm_channels(kw: dict) -> None:
         raise click.BadParameter(f"--mean has {counts['--mean']} values but --std has {counts['--std']}; give one per channel to both", param_hint="--std")
 
 
+def _check_budget(ctx, param, value):
+    if not value:
+        return value
+    from .models.budget import parse_budget
+
+    try:
+        parse_budget(list(value))
+    except CompressError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return value
+
+
 def _check_teacher_output(ctx, param, value):
     if value is None:
         return None
@@ -316,7 +328,14 @@ DISTILL_OPTIONS = OptionGroup(
     Opt("--query-budget", type=click.IntRange(1, 10**12), help="At most this many rows are sent to the teacher, spent in --query-rounds rounds on the rows the student is least sure of (default: every training row, once)."),
     Opt("--query-rounds", type=click.IntRange(1, 1000), help=f"Rounds the --query-budget is spent in: a stratified random sample first, then the least certain rows (default {DistillConfig.query_rounds})."),
     Opt("--query-strategy", type=click.Choice(["margin", "entropy"]), help="How later rounds pick rows: margin (smallest top-1 minus top-2 probability, default) or entropy (highest)."),
-    Opt("--student", type=str, help="file.py:factory or package.module:factory returning an nn.Module, or teacher:every-other (the teacher with blocks 0, 2, 4, ... of its main stack, weights copied; needs a state-dict or --trust teacher). Default: a built-in student sized to a tenth of the teacher."),
+    Opt("--student", type=str, help="auto (a student sized to --budget, chosen among a built-in edge family, timm's edge models when timm is installed, and the teacher pruned with Torch-Pruning, by a short distillation each), "
+        "file.py:factory or package.module:factory returning an nn.Module, builtin:mobilenet (or another 'compress students' name), timm:NAME (pretrained=False), "
+        "teacher:every-other (the teacher with blocks 0, 2, 4, ... of its main stack, weights copied) or teacher:pruned (the teacher pruned to --budget); teacher:* needs a state-dict or --trust teacher. "
+        "Default: a built-in student sized to a tenth of the teacher."),
+    Opt("--budget", multiple=True, convert=lambda v: list(v) or None, callback=_check_budget,
+        help="For --student auto or teacher:pruned: params=0.1 or macs=0.25 (fractions of the teacher), params=2M or macs=300M (absolute), "
+             "latency_ms=2 (on the target: measured when it is this host, else the roofline's estimate); comma-separated or repeated (default params=0.1)."),
+    Opt("--auto-steps", type=click.IntRange(1, STEPS_MAX), help="For --student auto: steps each candidate is distilled before it is scored on the validation split (default: a tenth of the run, 100 to 1000)."),
     Opt("--output", "output_key", to="output", type=str, help="For a student returning a tuple or dict: the index or key of its class scores (default: the first entry)."),
     Opt("--epochs", type=_Finite(min=0, max=1e6, min_open=True), help=f"Passes over the training pool (default {DistillConfig.epochs:g}, and at least {DistillConfig.min_steps} steps)."),
     Opt("--steps", type=click.IntRange(1, STEPS_MAX), help="Optimiser steps (overrides --epochs)."),

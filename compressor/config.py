@@ -125,7 +125,9 @@ class DataConfig(_Config):
 class DistillConfig(_Config):
     """How the student is trained from the teacher (and the labels-only baseline, if asked)."""
 
-    student: str | None = None  # "file.py:factory" | "pkg.mod:factory" | None for the default student
+    student: str | None = None  # "file.py:factory" | "pkg.mod:factory" | "auto" | "teacher:…" | "builtin:…" | "timm:…" | None (default)
+    budget: list[str] | None = None  # --student auto / teacher:pruned: ["params=0.1", "macs=300M", "latency_ms=2"] (default params=0.1)
+    auto_steps: int | None = None  # --student auto: steps each candidate is distilled before it is scored (default: a tenth, 100..1000)
     output: str | None = None  # a student returning a tuple or dict: the key or index of its class scores (None: the first)
     loss: str = "dist"  # a registered loss: dist | kd | dkd | labels …; dist won every mnist1d case in benchmarks/results/distill.md
     temperature: float = 4.0  # chosen in benchmarks/results/kd_sweep.md

@@ -167,6 +167,8 @@ def _add_distill_sections(rep: dict, distill: dict) -> None:
         notes.append(f"The teacher is a black box ({distill.get('teacher_format')}): the distill stage also asked it about {held['rows']:,} rows "
                      f"in {held['calls']:,} calls for its held-out accuracy and latency (later stages never query it).")
     notes.extend(n for n in distill.get("notes") or [] if isinstance(n, str))  # the distill stage's own (how the teacher's outputs were read)
+    if distill.get("auto"):  # --student auto: the candidates, their sizes and scores, and which won
+        rep["student_choice"] = {k: v for k, v in distill["auto"].items() if k in CHOICE_KEYS}
     if distill.get("search"):  # --search: every trial and the settings the student was trained with
         rep["search"] = {k: v for k, v in distill["search"].items() if k in SEARCH_KEYS}
         best = rep["search"]["best"]
@@ -235,6 +237,34 @@ def _fmt_param(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}"
     return str(v)
+
+
+CHOICE_KEYS = ("budget_text", "limits", "teacher_params", "teacher_macs", "latency", "steps_per_candidate", "candidates", "skipped", "winner")
+
+
+def _count(v) -> str:
+    from ..models.budget import human
+
+    return "-" if v is None else human(v)
+
+
+def render_choice(c: dict) -> list[str]:
+    """report.md's section on --student auto: each candidate's size, latency and validation accuracy (the winner in bold)."""
+    lat = c.get("latency")
+    lines = ["", "## Student choice", "",
+             f"Budget {c['budget_text']} (teacher: {_count(c.get('teacher_params'))} params, {_count(c.get('teacher_macs'))} MACs per row). "
+             f"Each candidate was distilled for {c.get('steps_per_candidate', '?')} steps and scored on the validation split; "
+             f"the winner was then trained in full." + (f" Latency: {lat}." if lat else ""), "",
+             "| candidate | kind | params | MACs | latency ms | val accuracy % | seconds | note |", "|---|---|---|---|---|---|---|---|"]
+    for r in c["candidates"]:
+        acc = "-" if r.get("val_accuracy") is None else f"{r['val_accuracy'] * 100:.2f}"
+        latency = "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.3f}"
+        cells = [r["name"], r["kind"], _count(r.get("params")), _count(r.get("macs")), latency, acc, f"{r.get('seconds', 0):.1f}", r.get("note") or ""]
+        if r.get("won"):
+            cells = [f"**{x}**" if x else x for x in cells]
+        lines.append("| " + " | ".join(str(x).replace("|", "/") for x in cells) + " |")
+    lines += [f"Not tried: {s}." for s in c.get("skipped") or []]
+    return lines
 
 
 def render_search(s: dict) -> list[str]:
@@ -313,6 +343,10 @@ def render_markdown(rep: dict) -> str:
                   "more on small models):", "", "| model | precision | estimated ms | bound | MMACs |", "|---|---|---|---|---|"]
         for e in rep["estimates"]:
             lines.append(f"| {e['name']} | {e['precision']} | {e['latency_ms']:.3f} | {e['bound']} | {e['macs'] / 1e6:,.3f} |")
+    sized = [m for m in rep["models"] if isinstance(m.get("macs"), int) and m["name"] in ("teacher", "student")]
+    if sized:
+        lines += ["", "Size per row (multiply-accumulates counted with torch.utils.flop_counter): "
+                  + "; ".join(f"{m['name']} {m['params']:,} params, {m['macs']:,} MACs" for m in sized) + "."]
     checks = rep.get("checks", {})
     if "export" in checks:
         e = checks["export"]
@@ -331,6 +365,8 @@ def render_markdown(rep: dict) -> str:
             lines += ["Kept in float: " + ", ".join(f"`{k['node']}` ({k['op']})" for k in q["kept_float"]) + "."]
     if checks.get("distill", {}).get("teacher_queries"):
         lines += [render_queries(checks["distill"]["teacher_queries"])]
+    if rep.get("student_choice"):
+        lines += render_choice(rep["student_choice"])
     if rep.get("search"):
         lines += render_search(rep["search"])
     lines += ["", f"Host: {h['cpu']}, {h['cpu_count']} cores, features {', '.join(h.get('cpu_features', [])) or 'n/a'}; "

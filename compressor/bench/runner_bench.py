@@ -110,6 +110,11 @@ def bench_models(run, cfg: BenchConfig) -> list[dict]:
         _rounds(runners, run, cfg)
     if cfg.batch_sweep:
         batch_sweep(runners, run, cfg)
+    res = distill["result"]
+    for row in rows:  # multiply-accumulates per row, counted by the distill stage (torch.utils.flop_counter)
+        macs = res.get("teacher_macs") if row["role"] == "teacher" else res.get("macs")
+        if isinstance(macs, int):
+            row["macs"] = macs
     return rows
 
 

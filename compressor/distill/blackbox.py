@@ -380,7 +380,7 @@ def distill_blackbox(run, resume: bool) -> tuple[dict, dict]:
         pool = train_rows  # every row is labeled: a label-only teacher can still smooth them
     budget = min(dcfg.query_budget or len(pool), len(pool))
     sizes = round_sizes(budget, dcfg.query_rounds if budget < len(pool) else 1)
-    make = student_factory(dcfg, ds, teacher)
+    make = student_factory(dcfg, ds, teacher, run.target)
     # before the first query (a paid teacher's rows cost money): the data's classes stand in
     preflight_info = preflight(run, make(ds.num_classes)[0], ds)
     q = _Queries(run, split, pool, kind, k, make, resume)

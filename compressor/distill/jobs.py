@@ -34,19 +34,39 @@ def validation_split(ds, dcfg) -> Split:
     return Split(train_rows, val, np.intersect1d(train_rows, labeled), take(ds.x, val), ds.y[val])
 
 
-def student_factory(dcfg, ds, teacher):
-    """make(num_classes) -> (a fresh student module returning logits, its record): the same build for every job."""
-    from ..models import build_student
-    from ..models.outputs import logits_only
-
-    teacher_params = teacher.num_params()
-    ctx = {}  # what build_student needs beyond the shapes: 'teacher:…' students are cut from the teacher; token ids size the embedding
+def student_context(dcfg, ds, teacher) -> dict:
+    """What building a student needs beyond the shapes: 'teacher:…' students are cut from the teacher; token ids size
+    the embedding."""
+    ctx = {}
     if dcfg.student and str(dcfg.student).startswith("teacher:"):
         ctx["teacher"] = teacher
     if getattr(ds, "token_ids", False):
         ctx["vocab_size"] = vocab_size(teacher, ds)
+    return ctx
 
-    def make(num_classes: int):
+
+def student_factory(dcfg, ds, teacher, target: dict | None = None):
+    """make(num_classes, fresh=False) -> (a fresh student module returning logits, its record): the same build for every
+    job. --student auto here (a black-box teacher: no pruning, no candidates to score) is the data's built-in family
+    sized to the budget; the white-box flow chooses among candidates instead (auto_student.choose)."""
+    from ..models import build_student
+    from ..models.outputs import logits_only
+
+    teacher_params = teacher.num_params()
+    ctx = student_context(dcfg, ds, teacher)
+    if dcfg.student in ("auto", "teacher:pruned"):
+        from .auto_student import family_only
+
+        record = family_only(dcfg, ds, teacher, target, ctx)
+
+        def make(num_classes: int, fresh: bool = False):
+            from ..models import load_student
+
+            rec = dict(record, kwargs=dict(record["kwargs"], num_classes=num_classes))
+            return logits_only(load_student(rec), rec, ds.x[:2], dcfg.output)
+        return make
+
+    def make(num_classes: int, fresh: bool = False):
         return logits_only(*build_student(dcfg.student, ds.input_shape, num_classes, teacher_params, **ctx), ds.x[:2], dcfg.output)
     return make
 
@@ -93,9 +113,16 @@ def save_trained(run, name: str, module, loss: str, res, rows, outputs: dict, re
 
 def summary(student, record, num_classes: int, split: Split, preflight_info, teacher, ds) -> dict:
     """The result fields every flow records."""
+    from ..models.budget import count, teacher_macs
+
+    x = np.ascontiguousarray(ds.x[:2])
+    try:  # multiply-accumulates per row (torch.utils.flop_counter): the report shows them beside the parameters
+        macs, t_macs = count(student, x)[1], teacher_macs(teacher, x)
+    except CompressError:
+        macs = t_macs = None
     return dict(student_record=record, num_classes=num_classes, val_rows=int(len(split.val)), preflight=preflight_info,
                 params=int(sum(p.numel() for p in student.parameters())), teacher_params=teacher.num_params(),
-                teacher_format=teacher.format, data=ds.summary())
+                macs=macs, teacher_macs=t_macs, teacher_format=teacher.format, data=ds.summary())
 
 
 def vocab_size(teacher, ds) -> int:

@@ -79,7 +79,8 @@ def distill_whitebox(run, resume: bool) -> tuple[dict, dict]:
     import torch
 
     from ..models.outputs import output_note, resolve_teacher_output
-    from .jobs import check_student_output, preflight, save_trained, student_factory, summary, validation_split
+    from . import auto_student
+    from .jobs import check_student_output, preflight, save_trained, student_context, student_factory, summary, validation_split
     from .._io import is_writer
     from ..data.streaming import is_lazy, take
     from .teacher_pass import heldout_classes, teacher_online, teacher_pool_logits
@@ -90,21 +91,30 @@ def distill_whitebox(run, resume: bool) -> tuple[dict, dict]:
     probe = teacher.logits(ds.x[:2])
     run.check_data_fits_teacher(probe)
     num_classes = probe.shape[1]
-    make = student_factory(dcfg, ds, teacher)
-    torch.manual_seed(dcfg.seed)
-    student, record = make(num_classes)
-    check_student_output(student, ds.x[:2], num_classes, dcfg.student)
-    preflight_info = preflight(run, student, ds)
+    auto = auto_student.wanted(dcfg)  # the student is chosen below, once the teacher's outputs are there to score candidates
+    if not auto:
+        make = student_factory(dcfg, ds, teacher)
+        torch.manual_seed(dcfg.seed)
+        student, record = make(num_classes)
+        check_student_output(student, ds.x[:2], num_classes, dcfg.student)
+        preflight_info = preflight(run, student, ds)
     # logits or probabilities (--teacher-output, else detected on a sample): probabilities are read as their log from here on
     teacher_output = resolve_teacher_output(teacher, ds.x, dcfg.teacher_output)
     online = teacher_online(dcfg)
-    pool_logits, teacher_seconds = (None, 0.0) if online else teacher_pool_logits(run, teacher, ds, dcfg)
+    pool_logits, teacher_seconds = (None, 0.0) if online and not auto else teacher_pool_logits(run, teacher, ds, dcfg)
     split = validation_split(ds, dcfg)
     steps = budget_steps(dcfg, len(split.train_rows))
+    results, outputs = {}, {}
+    if auto:
+        make, results["auto"] = auto_student.choose(run, dcfg, teacher, ds, num_classes, split, pool_logits, steps,
+                                                    student_context(dcfg, ds, teacher))
+        torch.manual_seed(dcfg.seed)
+        student, record = make(num_classes)
+        check_student_output(student, ds.x[:2], num_classes, dcfg.student)
+        preflight_info = preflight(run, student, ds)
     if is_lazy(ds.x_test) and is_writer():  # held-out images on disk: decoded (the teacher's answers kept for code_free.py) before any step, so a bad file fails now
         heldout_classes(run, teacher, ds)
 
-    results, outputs = {}, {}
     scfg = dcfg  # the student's settings; with --search, the best trial's (the baseline keeps dcfg's)
     if dcfg.search > 0:
         from .search import search_for_distill
@@ -121,7 +131,7 @@ def distill_whitebox(run, resume: bool) -> tuple[dict, dict]:
     for name, loss, rows, tlogits in jobs:
         jcfg = scfg if name == "student" else dcfg.replace(augment="none", mixup=0.0, cutmix=0.0, hint=None)
         torch.manual_seed(dcfg.seed)  # every job starts from the same initial weights
-        module, res = _train_whitebox_job(run, name, make(num_classes)[0], loss, rows, tlogits, split, jcfg,
+        module, res = _train_whitebox_job(run, name, make(num_classes, fresh=name == "baseline")[0], loss, rows, tlogits, split, jcfg,
                                           online=online and name == "student", steps=steps, resume=resume)
         save_trained(run, name, module, loss, res, rows, outputs, results)
     results["teacher_pass_seconds"] = round(teacher_seconds or 0.0, 3)
@@ -149,8 +159,19 @@ def _train_whitebox_job(run, name: str, module, loss: str, rows, tlogits, split,
 
 # --- checks --------------------------------------------------------------------------------------------------------------
 def check_teacher_student(run) -> None:
-    """A student cut from the teacher ('teacher:every-other') fails here, before the teacher's pass over the pool."""
+    """A student cut from the teacher ('teacher:every-other') fails here, before the teacher's pass over the pool; so
+    does a --budget without a student it sizes."""
+    from .auto_student import AUTO_SPECS
+
     spec = run.config.distill.student
+    if run.config.distill.budget and spec not in AUTO_SPECS:
+        raise CompressError(f"--budget sizes --student auto or teacher:pruned, but the student is {spec or 'the default'}",
+                            hint="add --student auto, or drop --budget")
+    if spec in AUTO_SPECS:
+        from ..models.budget import parse_budget
+
+        parse_budget(run.config.distill.budget or ["params=0.1"])
+        return
     if spec and spec.startswith("teacher:"):
         from ..models.student import from_teacher
 

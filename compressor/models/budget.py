@@ -145,3 +145,20 @@ def count(module, example) -> tuple[int, int]:
         if was_training:
             module.train()
     return params, int(fc.get_total_flops() // 2)
+
+
+def teacher_macs(teacher, x) -> int | None:
+    """The teacher's MACs for one row: counted on its module (eager, TorchScript, torch.export), or from its ONNX
+    graph's shapes; None for a black box."""
+    if teacher.format == "onnx":
+        from ..bench.roofline import layers
+
+        try:
+            return int(sum(layer.macs for layer in layers(teacher.path)))
+        except Exception:
+            return None
+    module = getattr(teacher, "module", None)
+    if module is None or not callable(module):
+        return None
+    teacher.to("cpu")
+    return count(module, x)[1]

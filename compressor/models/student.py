@@ -6,6 +6,7 @@ import math
 from ..errors import CompressError, did_you_mean
 from ._spec import call_factory, load_callable
 from .registry import get_student, list_students, register_student  # noqa: F401  (list_students re-exported)
+from . import families  # noqa: F401  (registers builtin:mobilenet)
 
 
 def _torch():
@@ -124,7 +125,9 @@ def build_student(spec: str | None, input_shape: tuple, num_classes: int, teache
     elif spec.startswith("teacher:"):
         module, record = from_teacher(spec, teacher)
         return module, record
-    elif spec.startswith("builtin:"):
+    elif spec in ("auto", "teacher:pruned"):
+        raise CompressError(f"--student {spec} is chosen by the distill stage (compressor.distill.auto_student), not built here")
+    elif spec.startswith(("builtin:", "timm:")):
         record = {"spec": spec, "kwargs": {"input_shape": list(input_shape), "num_classes": num_classes}}
         if spec == "builtin:transformer" and vocab_size:
             record["kwargs"]["vocab_size"] = int(vocab_size)
@@ -145,6 +148,8 @@ def load_student(record: dict, input_shape: tuple | None = None, num_classes: in
         kw = dict(record["kwargs"])
         kw["input_shape"] = tuple(kw["input_shape"])
         module = factory(**kw)
+    elif spec.startswith("timm:"):
+        module = timm_student(spec.split(":", 1)[1], tuple(record["kwargs"]["input_shape"]), int(record["kwargs"]["num_classes"]))
     else:
         fn = load_callable(spec, "--student")
         module = call_factory(fn, spec, "--student", num_classes=num_classes, input_shape=input_shape)
@@ -157,15 +162,32 @@ def load_student(record: dict, input_shape: tuple | None = None, num_classes: in
     return module
 
 
+def timm_student(name: str, input_shape: tuple, num_classes: int):
+    """timm.create_model(name) for these images, never with downloaded weights (timm is optional: imported here only)."""
+    try:
+        import timm
+    except ImportError as exc:
+        raise CompressError(f"--student timm:{name} needs timm, which cannot be imported ({str(exc).splitlines()[0][:120]})",
+                            hint="pip install timm (with a torchvision matching your torch), or use --student auto / builtin:mobilenet") from None
+    if len(input_shape) != 3:
+        raise CompressError(f"--student timm:{name} takes images shaped (C, H, W), but the data's rows are {tuple(input_shape)}")
+    if not timm.is_model(name):
+        known = timm.list_models()
+        raise CompressError(f"timm has no model '{name}'.{did_you_mean(name, known)}", hint="see timm.list_models() for the names")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=int(input_shape[0]))
+
+
 # --- students cut from the teacher ----------------------------------------------------------------------
 TEACHER_SPECS = {
     "teacher:every-other": "the teacher with every other block of its main stack dropped (blocks 0, 2, 4, … kept with "
                            "the teacher's weights; DistilBERT's initialisation)",
+    "teacher:pruned": "the teacher pruned channel by channel to --budget with Torch-Pruning's dependency graph, distilled "
+                      "between pruning steps (also one of --student auto's candidates)",
 }
 # attributes that record a stack's length (nn.TransformerEncoder/Decoder.num_layers, common config names)
 _COUNTERS = ("num_layers", "n_layers", "num_hidden_layers", "n_layer", "num_blocks", "depth")
 _NOT_EAGER = {
-    "torchscript": "a TorchScript module (compiled: its blocks cannot be copied and re-assembled)",
+    "torchscript": "a TorchScript module (compiled: its modules cannot be copied, cut or pruned)",
     "torch.export": "a torch.export program (a flattened graph without its module structure)",
     "onnx": "an ONNX model (run as a black box)",
     "callable": "a black-box function (only its answers are known)",
@@ -173,21 +195,22 @@ _NOT_EAGER = {
 }
 
 
-def _eager_teacher(spec: str, teacher):
+def eager_teacher(spec: str, teacher):
     """The teacher's eager nn.Module, or CompressError saying why this teacher cannot give the student."""
     torch, nn = _torch()
     fmt = getattr(teacher, "format", None)
     module = getattr(teacher, "module", teacher) if fmt is not None else teacher
     hint = ("pass the teacher as a state dict with --teacher-arch file.py:factory (or a whole pickled module with --trust), "
             "or choose a student with --student file.py:factory")
+    does = "prunes the channels of" if spec == "teacher:pruned" else "copies blocks out of"
     if teacher is None:
         raise CompressError(f"--student {spec} is cut from the teacher, but no teacher was given", hint=hint)
     if fmt in _NOT_EAGER:
-        raise CompressError(f"--student {spec} copies blocks out of an eager PyTorch teacher, but the teacher is {_NOT_EAGER[fmt]}", hint=hint)
+        raise CompressError(f"--student {spec} {does} an eager PyTorch teacher, but the teacher is {_NOT_EAGER[fmt]}", hint=hint)
     if isinstance(module, torch.jit.ScriptModule):
-        raise CompressError(f"--student {spec} copies blocks out of an eager PyTorch teacher, but the teacher is {_NOT_EAGER['torchscript']}", hint=hint)
+        raise CompressError(f"--student {spec} {does} an eager PyTorch teacher, but the teacher is {_NOT_EAGER['torchscript']}", hint=hint)
     if isinstance(module, torch.fx.GraphModule):
-        raise CompressError(f"--student {spec} copies blocks out of an eager PyTorch teacher, but the teacher is a traced/exported graph module", hint=hint)
+        raise CompressError(f"--student {spec} {does} an eager PyTorch teacher, but the teacher is a traced/exported graph module", hint=hint)
     if not isinstance(module, nn.Module):
         raise CompressError(f"--student {spec} needs the teacher as a torch.nn.Module, got {type(module).__name__}", hint=hint)
     return module
@@ -212,35 +235,20 @@ def find_block_stack(module) -> tuple[str, int] | None:
     return best
 
 
-def from_teacher(spec: str, teacher, record: dict | None = None):
-    """A student cut from a deep copy of the teacher: (module, record). With a record, rebuild exactly that student."""
+def cut_blocks(source, path: str, n: int, kept: list, block_type: str | None = None):
+    """A deep copy of `source` whose n-block stack at `path` keeps only the blocks `kept` (the teacher's weights in them),
+    with the stack-length counters it records (num_layers, …) fixed: (module, the counters fixed)."""
     import copy
 
-    torch, nn = _torch()
-    if spec not in TEACHER_SPECS:
-        raise CompressError(f"unknown teacher-derived student '{spec}'.{did_you_mean(spec, TEACHER_SPECS)}",
-                            hint=f"choose one of {', '.join(TEACHER_SPECS)} or --student file.py:factory")
-    source = _eager_teacher(spec, teacher)
-    tname = type(source).__name__
-    if record is None:
-        found = find_block_stack(source)
-        if found is None:
-            raise CompressError(f"--student {spec}: the teacher ({tname}) has no stack of repeated blocks (an nn.ModuleList or "
-                                f"nn.Sequential of two or more children of the same type)",
-                                hint="choose a student with --student file.py:factory for this architecture")
-        path, n = found
-        kept = list(range(0, n, 2))
-    else:
-        kw = record["kwargs"]
-        path, n, kept = kw["stack"], int(kw["teacher_blocks"]), [int(i) for i in kw["kept"]]
+    _, nn = _torch()
     student = copy.deepcopy(source).cpu()
     try:
         stack = student.get_submodule(path) if path else student
     except AttributeError:
         stack = None
     if (not isinstance(stack, (nn.ModuleList, nn.Sequential)) or len(stack) != n
-            or (record is not None and type(stack[0]).__name__ != record["kwargs"].get("block_type"))):
-        raise CompressError(f"--student {spec}: the teacher no longer has the {n}-block stack '{path}' this run's student was cut from",
+            or (block_type is not None and type(stack[0]).__name__ != block_type)):
+        raise CompressError(f"the teacher no longer has the {n}-block stack '{path}' this run's student was cut from",
                             hint="rerun distill with --force, or use the teacher the run was made with")
     names = list(stack._modules)
     blocks = [stack._modules[k] for k in names]
@@ -267,10 +275,68 @@ def from_teacher(spec: str, teacher, record: dict | None = None):
     for p in student.parameters():
         p.requires_grad_(True)
     student.train()
+    return student, fixed
+
+
+def cut_every_other(source):
+    """The teacher with blocks 0, 2, 4, … of its main stack: (module, the record's kwargs that rebuild the cut)."""
+    found = find_block_stack(source)
+    if found is None:
+        raise CompressError(f"the teacher ({type(source).__name__}) has no stack of repeated blocks (an nn.ModuleList or "
+                            f"nn.Sequential of two or more children of the same type)",
+                            hint="choose a student with --student file.py:factory for this architecture")
+    path, n = found
+    kept = list(range(0, n, 2))
+    block_type = type(source.get_submodule(path)[0]).__name__ if path else type(source[0]).__name__
+    student, fixed = cut_blocks(source, path, n, kept)
+    return student, {"stack": path, "block_type": block_type, "teacher_blocks": n, "kept": kept, "counters_fixed": fixed}
+
+
+def from_teacher(spec: str, teacher, record: dict | None = None):
+    """A student cut from a deep copy of the teacher: (module, record). With a record, rebuild exactly that student."""
+    if spec not in TEACHER_SPECS:
+        raise CompressError(f"unknown teacher-derived student '{spec}'.{did_you_mean(spec, TEACHER_SPECS)}",
+                            hint=f"choose one of {', '.join(TEACHER_SPECS)} or --student file.py:factory")
+    source = eager_teacher(spec, teacher)
+    tname = type(source).__name__
+    if spec == "teacher:pruned":
+        if record is None:
+            raise CompressError("--student teacher:pruned is built by the distill stage's pruning (with --budget)")
+        from .prune import apply_arch
+
+        kw = record["kwargs"]
+        depth = kw.get("depth")
+        try:
+            student = cut_blocks(source, depth["stack"], int(depth["teacher_blocks"]), [int(i) for i in depth["kept"]],
+                                 depth.get("block_type"))[0] if depth else _copy_trainable(source)
+        except CompressError as exc:
+            raise CompressError(f"--student {spec}: {exc}", hint=exc.hint) from None
+        return apply_arch(student, kw["arch"]).train(), record
+    if record is None:
+        try:
+            student, kw = cut_every_other(source)
+        except CompressError as exc:
+            raise CompressError(f"--student {spec}: {exc}", hint=exc.hint) from None
+    else:
+        kw = dict(record["kwargs"])
+        try:
+            student, _ = cut_blocks(source, kw["stack"], int(kw["teacher_blocks"]), [int(i) for i in kw["kept"]], kw.get("block_type"))
+        except CompressError as exc:
+            raise CompressError(f"--student {spec}: {exc}", hint=exc.hint) from None
     t_params, s_params = _params(source), _params(student)
     new_record = {"spec": spec, "kwargs": {
-        "stack": path, "block_type": type(blocks[0]).__name__, "teacher_blocks": n, "kept": kept, "counters_fixed": fixed,
+        "stack": kw["stack"], "block_type": kw["block_type"], "teacher_blocks": kw["teacher_blocks"], "kept": kw["kept"],
+        "counters_fixed": kw.get("counters_fixed", []),
         "teacher_class": tname, "teacher_params": t_params, "params": s_params,
         "param_ratio": round(s_params / t_params, 4) if t_params else None,
     }}
     return student, new_record
+
+
+def _copy_trainable(source):
+    import copy
+
+    student = copy.deepcopy(source).cpu()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student
