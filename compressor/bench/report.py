@@ -304,6 +304,34 @@ def table_rows(rep: dict, runtime: bool = True) -> list[list[str]]:
 HEADERS = ["model", "format", "runtime", "accuracy %", "agrees w/ teacher %", "p50 ms", "p99 ms", "params", "size KiB", "speed vs teacher"]
 
 
+def _render_checks(rep: dict) -> list[str]:
+    """report.md's lines under the latency notes: the models' sizes and what the export and quantize stages checked."""
+    lines = []
+    sized = [m for m in rep["models"] if isinstance(m.get("macs"), int) and m["name"] in ("teacher", "student")]
+    if sized:
+        lines += ["", "Size per row (multiply-accumulates counted with torch.utils.flop_counter): "
+                  + "; ".join(f"{m['name']} {m['params']:,} params, {m['macs']:,} MACs" for m in sized) + "."]
+    checks = rep.get("checks", {})
+    if "export" in checks:
+        e = checks["export"]
+        lines += [f"ONNX export check: max |ONNX − PyTorch| = {e['max_abs_diff']:.2e} (tolerance {e['atol']:.0e}), "
+                  f"argmax agreement {e['agreement'] * 100:.2f}% on {e['rows']} held-out rows, opset {e['opset']}."]
+    if "quantize" in checks:
+        q = checks["quantize"]
+        line = (f"INT8 recipe: {q['recipe']} (asked: {q['requested']}), calibrated on {q['calibration_rows']} training rows "
+                f"({q['calibrate_method']}); agrees with FP32 on {q['agreement_with_fp32'] * 100:.2f}% of unseen training rows")
+        if q.get("validation"):
+            v = q["validation"]
+            line += (f"; {v['metric']} {v['int8'] * 100:.2f}% vs FP32 {v['fp32'] * 100:.2f}% on {v['rows']} validation rows "
+                     f"(tolerance {q['int8_tolerance']:g} point{'' if q['int8_tolerance'] == 1 else 's'})")
+        lines += [line + "."]
+        if q.get("kept_float"):
+            lines += ["Kept in float: " + ", ".join(f"`{k['node']}` ({k['op']})" for k in q["kept_float"]) + "."]
+    if checks.get("distill", {}).get("teacher_queries"):
+        lines += [render_queries(checks["distill"]["teacher_queries"])]
+    return lines
+
+
 def render_markdown(rep: dict) -> str:
     t, h, d = rep["target"], rep["host"], rep["data"]
     lines = [
@@ -343,28 +371,7 @@ def render_markdown(rep: dict) -> str:
                   "more on small models):", "", "| model | precision | estimated ms | bound | MMACs |", "|---|---|---|---|---|"]
         for e in rep["estimates"]:
             lines.append(f"| {e['name']} | {e['precision']} | {e['latency_ms']:.3f} | {e['bound']} | {e['macs'] / 1e6:,.3f} |")
-    sized = [m for m in rep["models"] if isinstance(m.get("macs"), int) and m["name"] in ("teacher", "student")]
-    if sized:
-        lines += ["", "Size per row (multiply-accumulates counted with torch.utils.flop_counter): "
-                  + "; ".join(f"{m['name']} {m['params']:,} params, {m['macs']:,} MACs" for m in sized) + "."]
-    checks = rep.get("checks", {})
-    if "export" in checks:
-        e = checks["export"]
-        lines += [f"ONNX export check: max |ONNX − PyTorch| = {e['max_abs_diff']:.2e} (tolerance {e['atol']:.0e}), "
-                  f"argmax agreement {e['agreement'] * 100:.2f}% on {e['rows']} held-out rows, opset {e['opset']}."]
-    if "quantize" in checks:
-        q = checks["quantize"]
-        line = (f"INT8 recipe: {q['recipe']} (asked: {q['requested']}), calibrated on {q['calibration_rows']} training rows "
-                f"({q['calibrate_method']}); agrees with FP32 on {q['agreement_with_fp32'] * 100:.2f}% of unseen training rows")
-        if q.get("validation"):
-            v = q["validation"]
-            line += (f"; {v['metric']} {v['int8'] * 100:.2f}% vs FP32 {v['fp32'] * 100:.2f}% on {v['rows']} validation rows "
-                     f"(tolerance {q['int8_tolerance']:g} point{'' if q['int8_tolerance'] == 1 else 's'})")
-        lines += [line + "."]
-        if q.get("kept_float"):
-            lines += ["Kept in float: " + ", ".join(f"`{k['node']}` ({k['op']})" for k in q["kept_float"]) + "."]
-    if checks.get("distill", {}).get("teacher_queries"):
-        lines += [render_queries(checks["distill"]["teacher_queries"])]
+    lines += _render_checks(rep)
     if rep.get("student_choice"):
         lines += render_choice(rep["student_choice"])
     if rep.get("search"):
