@@ -31,8 +31,8 @@ def _cases(work: Path) -> dict:
 
     img = auto_task.prepare(work)
     seq = seq_task.prepare(work)
-    image = dict(teacher=str(img["teacher"]), arch=img["arch"], data=str(img["data"]), steps=600, batch=64, info=img["teacher_info"])
-    tokens = dict(teacher=str(seq["teacher"]), arch=str(seq["arch"]), data=str(seq["data"]), steps=600, batch=64, info=seq["teacher_info"])
+    image = dict(teacher=str(img["teacher"]), arch=img["arch"], data=str(img["data"]), steps=400, batch=64, info=img["teacher_info"])
+    tokens = dict(teacher=str(seq["teacher"]), arch=str(seq["arch"]), data=str(seq["data"]), steps=400, batch=64, info=seq["teacher_info"])
     ts = work / "digits32_teacher.ts.pt"
     if not ts.exists():
         import numpy as np
@@ -98,7 +98,7 @@ def render(rows: list[dict], sizes: dict) -> str:
     from compressor.models.budget import human
 
     lines = ["# --student auto", "", "Command: `python benchmarks/student_auto.py` (one run per case: distill with the candidates, export, "
-             "INT8, bench; 600 steps at batch 64, each candidate distilled 100 steps; `--target cpu`; 2-core AMD EPYC, no VNNI).", "",
+             "INT8, bench; 400 steps at batch 64, each candidate distilled 100 steps; `--target cpu`; 2-core AMD EPYC, no VNNI).", "",
              "## Budgets", "",
              "| case | budget | limit | winner | student MACs (of limit) | params | teacher acc | student acc | INT8 acc | labels-only acc (same arch) |",
              "|---|---|---|---|---|---|---|---|---|---|"]

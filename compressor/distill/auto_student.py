@@ -108,6 +108,11 @@ class Meter:
             name = sess.get_inputs()[0].name
             return float(measure(lambda: sess.run(None, {name: x}), warmup_ms=100, min_runs=50, min_duration_s=0.5)["p50"])
 
+    def fill(self, module) -> float:
+        """The fraction of the params/MACs budget a module uses (the larger of the two)."""
+        params, macs = self.counts(module)
+        return max(params / self.limits.get("params", math.inf), macs / self.limits.get("macs", math.inf))
+
     def fits(self, module, cand: Candidate | None = None) -> bool:
         params, macs = self.counts(module)
         ok = params <= self.limits.get("params", math.inf) and macs <= self.limits.get("macs", math.inf)
@@ -233,13 +238,14 @@ def _pruned_candidate(run, meter: Meter, source, trainer: Trainer, *, depth: boo
         def between(model, step):
             trainer.train(model, between_steps, f"{kind} step {step + 1}")
 
+        fill = meter.fill if ("params" in meter.limits or "macs" in meter.limits) else None
         prune_info = prune_to_budget(base, ex, lambda m: meter.fits(m), steps=PRUNE_STEPS, between=between,
-                                     log=lambda msg: say(f"auto: {msg}"))
+                                     log=lambda msg: say(f"auto: {msg}"), fill=fill)
     meter.fits(base, cand)
     cand.module = base
     cand.record = {"spec": "teacher:pruned", "kwargs": {"depth": depth_kw, "arch": arch_record(base, original),
                                                          "teacher_class": type(source).__name__, "params": cand.params, "macs": cand.macs}}
-    cand.extra = {"prune_steps": int(prune_info.get("steps", 0))}
+    cand.extra = {"prune_steps": int(prune_info.get("steps", 0)), "round_to": prune_info.get("round_to")}
     cand.seconds = time.perf_counter() - t0
     return cand
 

@@ -42,15 +42,17 @@ _TRACE_HINT = "name a student architecture with --student instead of pruning the
 _NUMBER = (bool, int, float)
 
 
-def prune_to_budget(model, example, fits, *, steps=8, max_ratio=0.9, round_to=8, between=None, log=None) -> dict:
+def prune_to_budget(model, example, fits, *, steps=8, max_ratio=0.9, round_to=8, between=None, log=None, fill=None) -> dict:
     """Prune `model` (an eager nn.Module) IN PLACE until `fits(model)` is true, in at most `steps` Torch-Pruning steps
     of a linear schedule up to `max_ratio` of each layer's channels; `between(model, step)` (step counted from 0) runs
     after each step (the caller distils there: parameters are new objects after every step, so an optimizer must be
     made anew). `example` is a batch the model takes (float rows or int64 token ids); fits() is also called on
     pruned copies during the dry run. Returns a JSON-safe summary: steps, ratio (the schedule's fraction of each
     layer's channels pruned, before rounding to round_to), params_before/after, macs_before/after, heads (the output
-    layers, never pruned), kept_whole (layers and parameters left unpruned so the model stays correct).
-    CompressError, with the model untouched, when the budget cannot be met at `max_ratio`."""
+    layers, never pruned), kept_whole (layers and parameters left unpruned so the model stays correct), round_to (the
+    multiple used: smaller than asked when fill(model), the fraction of the budget a model uses, shows that the asked
+    multiple would leave a narrow model well under its budget). CompressError, with the model untouched, when the
+    budget cannot be met at `max_ratio`."""
     import torch
 
     from .budget import count
@@ -66,7 +68,8 @@ def prune_to_budget(model, example, fits, *, steps=8, max_ratio=0.9, round_to=8,
     opts = {"steps": int(steps), "max_ratio": float(max_ratio), "round_to": int(round_to or 1)}
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     plan = _plan(model, x, fits, opts, (params0, macs0))
-    opts["max_ratio"] = _tight_ratio(model, x, fits, opts, plan)
+    opts.update(_tight_schedule(model, x, fits, opts, plan, fill))
+    info["round_to"] = opts["round_to"]
     info.update(heads=sorted(plan["heads"]), kept_whole=sorted(plan["ignored"] + plan["kept_params"]))
     if info["kept_whole"]:
         log(f"pruning keeps {len(info['kept_whole'])} layer(s) whole so the model stays correct: {', '.join(info['kept_whole'][:8])}")
@@ -151,6 +154,29 @@ def _plan(model, x, fits, opts, before) -> dict:
             plan["kept_params"].append(name)
             plan["dims"].pop(name)
     raise broken
+
+
+def _tight_schedule(model, x, fits, opts, plan, fill=None) -> dict:
+    """{max_ratio, round_to}: the schedule's end at the smallest ratio that fits. fill(model), when given, says how much
+    of the budget a model uses (0..1): on a narrow model, multiples of round_to move the size in coarse steps (a
+    32-wide layer rounded to 8 can only keep 24, 16 or 8), so when the pruned copy would use less than 90% of the
+    budget, smaller multiples (4, 2, 1) are tried and the one that comes closest is kept."""
+    best = None
+    r = opts["round_to"]
+    while r >= 1:
+        o = dict(opts, round_to=r)
+        ratio = _tight_ratio(model, x, fits, o, plan)
+        if fill is None:
+            return {"max_ratio": ratio, "round_to": r}
+        trial = copy.deepcopy(model)
+        _step(_pruner(trial, x, dict(o, steps=1, max_ratio=ratio), plan))
+        used = float(fill(trial)) if fits(trial) else 0.0
+        if best is None or used > best[0]:
+            best = (used, {"max_ratio": ratio, "round_to": r})
+        if used >= 0.9:
+            break
+        r //= 2
+    return best[1]
 
 
 def _tight_ratio(model, x, fits, opts, plan, iters: int = 7) -> float:
