@@ -329,7 +329,7 @@ DISTILL_OPTIONS = OptionGroup(
     Opt("--query-rounds", type=click.IntRange(1, 1000), help=f"Rounds the --query-budget is spent in: a stratified random sample first, then the least certain rows (default {DistillConfig.query_rounds})."),
     Opt("--query-strategy", type=click.Choice(["margin", "entropy"]), help="How later rounds pick rows: margin (smallest top-1 minus top-2 probability, default) or entropy (highest)."),
     Opt("--student", type=str, help="auto (a student sized to --budget, chosen among a built-in edge family, timm's edge models when timm is installed, and the teacher pruned with Torch-Pruning, by a short distillation each), "
-        "file.py:factory or package.module:factory returning an nn.Module, builtin:mobilenet (or another 'compress students' name), timm:NAME (pretrained=False), "
+        "file.py:factory or package.module:factory returning an nn.Module, builtin:NAME (mobilenet, cnn2d, cnn1d, mlp, transformer), timm:NAME (pretrained=False), "
         "teacher:every-other (the teacher with blocks 0, 2, 4, ... of its main stack, weights copied) or teacher:pruned (the teacher pruned to --budget); teacher:* needs a state-dict or --trust teacher. "
         "Default: a built-in student sized to a tenth of the teacher."),
     Opt("--budget", multiple=True, convert=lambda v: list(v) or None, callback=_check_budget,

@@ -298,3 +298,35 @@ def test_latency_budget_is_measured_on_this_host(cli, res, tmp_path):
     assert auto["latency"].startswith("measured")
     fam = auto["candidates"][0]
     assert fam["latency_ms"] is not None and fam["latency_ms"] <= 0.3
+
+
+def test_resume_reuses_the_choice(res, tmp_path):
+    """Ctrl-C in the full training, then --resume: the candidates are not trained again and the same winner goes on."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "compressor.cli", "distill", "--teacher", str(res["state_dict"]), "--teacher-arch", res["arch"],
+           "--data", str(res["npz"]), "--student", "auto", "--budget", "macs=0.25", "--target", "cpu", "--steps", "600",
+           "--auto-steps", "20", "--skip-preflight", "--no-baseline", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not (out / "checkpoints" / "student.ckpt").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < 600
+        time.sleep(0.2)
+    choice = json.loads((out / "auto" / "choice.json").read_text())
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert "reuses this run's choice" in done.stderr + done.stdout
+    assert "candidate " not in done.stderr  # no candidate was trained again
+    result = json.loads((out / "manifest.json").read_text())["stages"]["distill"]["result"]
+    assert result["auto"]["winner"] == choice["info"]["winner"]
+    assert result["student_record"]["spec"] == choice["record"]["spec"]
+    assert result["student"]["resumed_from_step"] > 0

@@ -84,7 +84,17 @@ class Meter:
         return count(module, self.x)
 
     def latency(self, module) -> float:
-        """Milliseconds per row on the target: the p50 over a second of batch-1 runs (measured) or the roofline."""
+        """Milliseconds per row on the target: the p50 over half a second of batch-1 runs (measured) or the roofline.
+        Under torchrun rank 0 measures and the others take its figure, so every rank picks the same student."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            box = [self._latency(module) if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            return float(box[0])
+        return self._latency(module)
+
+    def _latency(self, module) -> float:
         import numpy as np
 
         from ..export.onnx_io import export_onnx, make_session
@@ -264,24 +274,43 @@ def _preflight(run, cand: Candidate) -> bool:
     return True
 
 
-def choose(run, dcfg, teacher, ds, num_classes: int, split, pool_logits, full_steps: int, ctx: dict):
+def choose(run, dcfg, teacher, ds, num_classes: int, split, pool_logits, full_steps: int, ctx: dict, resume: bool = False):
     """Build, train briefly and score the candidates; returns (make, the stage result's 'auto' section).
     make(num_classes, fresh=False) gives the winner: a family member freshly initialised, a pruned teacher with its
-    pruned weights (fresh=True: the same architecture reinitialised, for the labels-only baseline)."""
+    pruned weights (fresh=True: the same architecture reinitialised, for the labels-only baseline). The choice is saved
+    in the run (auto/choice.json, auto/winner.pt) as soon as it is made: --resume after an interrupt in the full
+    training reuses it instead of choosing again."""
     import numpy as np
-    import torch
 
+    from .._io import sha256_json
     from ..models.budget import parse_budget, teacher_macs
 
     budget = parse_budget(dcfg.budget or DEFAULT_BUDGET)
+    key = sha256_json({"inputs": run.manifest["inputs"], "config": run.manifest["config"], "num_classes": num_classes, "steps": full_steps})
+    if resume:
+        saved = _saved_choice(run, key)
+        if saved is not None:
+            say(f"auto: --resume reuses this run's choice, {saved[1]['winner']}")
+            return _make_for(saved[0], teacher), saved[1]
     x = np.ascontiguousarray(ds.x[:2])
     t_params, t_macs = teacher.num_params(), teacher_macs(teacher, x)
     limits = budget.limits(t_params, t_macs)
     meter = Meter(run.target, x, limits)
-    steps = auto_steps(dcfg, full_steps)
-    trainer = Trainer(run, dcfg, split, pool_logits, steps)
+    trainer = Trainer(run, dcfg, split, pool_logits, auto_steps(dcfg, full_steps))
     say(f"auto: budget {budget.text()} -> {_limits_text(limits)}; teacher {t_params:,} params, "
-        f"{'?' if t_macs is None else f'{t_macs:,}'} MACs; each candidate distilled {steps} steps")
+        f"{'?' if t_macs is None else f'{t_macs:,}'} MACs; each candidate distilled {trainer.steps} steps")
+    cands, skipped = _candidates(run, dcfg, teacher, ds, num_classes, ctx, meter, trainer)
+    winner = _score(run, dcfg, cands, trainer, budget)
+    info = {"budget": budget.to_dict(), "budget_text": budget.text(), "limits": limits, "teacher_params": t_params, "teacher_macs": t_macs,
+            "latency": meter.latency_kind if "latency_ms" in limits else None, "steps_per_candidate": trainer.steps,
+            "candidates": [dict(c.row(), won=c is winner) for c in cands], "skipped": skipped, "winner": winner.name}
+    _save_choice(run, key, winner, info)
+    return _make_for(winner, teacher), info
+
+
+def _candidates(run, dcfg, teacher, ds, num_classes, ctx, meter, trainer) -> tuple[list, list]:
+    """The candidates --student asks for (auto: family, timm, pruned, every-other + pruned; teacher:pruned: pruned),
+    and a line for each path not tried."""
     cands, skipped = [], []
     if dcfg.student == "auto":
         cands.append(_family_candidate(meter, ds, num_classes, ctx, dcfg.seed))
@@ -292,21 +321,29 @@ def choose(run, dcfg, teacher, ds, num_classes: int, split, pool_logits, full_st
         if dcfg.student == "teacher:pruned":
             raise CompressError(why, hint="pass the teacher as a state dict with --teacher-arch file.py:factory (or --trust a pickle), or use --student auto")
         skipped.append(f"pruning the teacher: {why}")
-    else:
-        from ..models.student import find_block_stack
+        return cands, skipped
+    from ..models.student import find_block_stack
 
-        cands.append(_pruned_candidate(run, meter, source, trainer, depth=False))
-        stack = find_block_stack(source)
-        if stack is not None and stack[1] >= 4:
-            cands.append(_pruned_candidate(run, meter, source, trainer, depth=True))
-        else:
-            skipped.append("dropping blocks: the teacher has no stack of 4 or more repeated blocks")
+    cands.append(_pruned_candidate(run, meter, source, trainer, depth=False))
+    stack = find_block_stack(source)
+    if stack is not None and stack[1] >= 4:
+        cands.append(_pruned_candidate(run, meter, source, trainer, depth=True))
+    else:
+        skipped.append("dropping blocks: the teacher has no stack of 4 or more repeated blocks")
+    return cands, skipped
+
+
+def _score(run, dcfg, cands: list, trainer: Trainer, budget) -> Candidate:
+    """Each candidate that exports and quantizes, distilled trainer.steps steps and scored on the validation split; the
+    best (ties: fewer MACs)."""
+    import torch
+
     for cand in cands:
         if cand.module is None or not _preflight(run, cand):
             continue
         t0 = time.perf_counter()
         torch.manual_seed(dcfg.seed)
-        cand.val_accuracy = trainer.train(cand.module, steps, f"candidate {cand.name}")
+        cand.val_accuracy = trainer.train(cand.module, trainer.steps, f"candidate {cand.name}")
         cand.seconds += time.perf_counter() - t0
         say(f"auto: {cand.name}: {cand.params:,} params, {cand.macs:,} MACs -> val acc {cand.val_accuracy:.4f}")
     scored = [c for c in cands if c.val_accuracy is not None]
@@ -316,10 +353,49 @@ def choose(run, dcfg, teacher, ds, num_classes: int, split, pool_logits, full_st
                             hint="raise the budget, or choose a student with --student file.py:factory")
     winner = max(scored, key=lambda c: (c.val_accuracy, -c.macs))
     say(f"auto: {winner.name} wins (val acc {winner.val_accuracy:.4f})")
-    info = {"budget": budget.to_dict(), "budget_text": budget.text(), "limits": limits, "teacher_params": t_params, "teacher_macs": t_macs,
-            "latency": meter.latency_kind if "latency_ms" in limits else None, "steps_per_candidate": steps,
-            "candidates": [dict(c.row(), won=c is winner) for c in cands], "skipped": skipped, "winner": winner.name}
-    return _make_for(winner, teacher), info
+    return winner
+
+
+_SAVED_SPECS = ("builtin:", "timm:", "teacher:pruned")  # what a saved choice may name (no user code)
+
+
+def _save_choice(run, key: str, winner: Candidate, info: dict) -> None:
+    from .._io import is_writer, torch_save, write_json
+
+    if not is_writer():
+        return
+    if not winner.fresh:
+        torch_save(winner.module.state_dict(), run.path("auto/winner.pt"))
+    write_json(run.path("auto/choice.json"), {"key": key, "record": winner.record, "fresh": winner.fresh, "info": info})
+
+
+def _saved_choice(run, key: str):
+    """(the winner as a Candidate, the 'auto' section) from a choice this run saved with the same key, else None."""
+    import json
+
+    import torch
+
+    try:
+        saved = json.loads(run.path("auto/choice.json").read_text())
+        record, fresh, info = saved["record"], bool(saved["fresh"]), saved["info"]
+        if saved.get("key") != key or not str(record.get("spec", "")).startswith(_SAVED_SPECS):
+            return None
+        cand = Candidate(info["winner"], "saved", record, fresh=fresh)
+        if not fresh:
+            cand.module = _SavedWeights(torch.load(run.path("auto/winner.pt"), map_location="cpu", weights_only=True))
+        return cand, info
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError):
+        return None
+
+
+class _SavedWeights:
+    """A saved winner's state dict where _make_for reads module.state_dict()."""
+
+    def __init__(self, state: dict):
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return self._state
 
 
 def family_only(dcfg, ds, teacher, target, ctx) -> dict:

@@ -107,7 +107,7 @@ def distill_whitebox(run, resume: bool) -> tuple[dict, dict]:
     results, outputs = {}, {}
     if auto:
         make, results["auto"] = auto_student.choose(run, dcfg, teacher, ds, num_classes, split, pool_logits, steps,
-                                                    student_context(dcfg, ds, teacher))
+                                                    student_context(dcfg, ds, teacher), resume=resume)
         torch.manual_seed(dcfg.seed)
         student, record = make(num_classes)
         check_student_output(student, ds.x[:2], num_classes, dcfg.student)
