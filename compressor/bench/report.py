@@ -176,37 +176,24 @@ def _add_distill_sections(rep: dict, distill: dict) -> None:
                      + ", ".join(f"{k}={_fmt_param(v)}" for k, v in best["params"].items()) + ".")
 
 
-# The profile figures a roofline estimate needs, per precision: the GPU's dense peak (TOPS or TFLOPS) and the bandwidth.
-PEAK_KEYS = {"int8": "gpu_int8_dense_tops", "fp16": "gpu_fp16_dense_tflops", "fp32": "gpu_fp32_tflops"}
-
-
-def _figure(hardware: dict, key: str) -> float | None:
-    """A numeric profile figure, whether written bare or as {value = …, source = …}; None when absent or not published."""
-    v = hardware.get(key)
-    if isinstance(v, dict):
-        v = v.get("value")
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
 def estimates(run, models: list[dict]) -> list[dict]:
     """Roofline latency estimates of the run's ONNX student flavours on a target this host is not (labelled
     estimated; kept out of the measured table)."""
-    from .roofline import estimate
+    from .roofline import estimate, roofline_figures
 
     target = run.target
-    hw = target.get("hardware") or {}
-    bw = _figure(hw, "memory_bandwidth_gbps")
-    if target.get("is_host") or bw is None:
+    if target.get("is_host"):
         return []
     out = []
     fp32 = run.path(run.stage("export")["outputs"]["onnx_fp32"])
     for m in models:
         if m["format"] != "onnx" or m["role"] != "student" or m.get("latency_measured_on", "host") != "host":
             continue
-        peak = _figure(hw, PEAK_KEYS.get(m["precision"], ""))
-        if peak is None:
+        figures = roofline_figures(target, m["precision"])
+        if figures is None:
             continue
-        e = estimate(fp32, {"peak_tops": peak, "bandwidth_gbps": bw}, m["precision"], batch=m.get("batch_size", 1))
+        peak, bw = figures["peak_tops"], figures["bandwidth_gbps"]
+        e = estimate(fp32, figures, m["precision"], batch=m.get("batch_size", 1))
         out.append({"name": m["name"], "target": target["name"], "precision": m["precision"], "latency_ms": e["latency_ms"],
                     "bound": e["bound"], "macs": e["macs"], "method": "roofline", "estimated": True,
                     "peak": peak, "bandwidth_gbps": bw, "layer_overhead_us": e["layer_overhead_us"]})
@@ -252,7 +239,8 @@ def render_choice(c: dict) -> list[str]:
     """report.md's section on --student auto: each candidate's size, latency and validation accuracy (the winner in bold)."""
     lat = c.get("latency")
     lines = ["", "## Student choice", "",
-             f"Budget {c['budget_text']} (teacher: {_count(c.get('teacher_params'))} params, {_count(c.get('teacher_macs'))} MACs per row). "
+             f"Budget {c['budget_text']}: " + ", ".join(f"{k} ≤ {v:g} ms" if k == "latency_ms" else f"{k} ≤ {_count(v)}" for k, v in (c.get("limits") or {}).items())
+             + f" (teacher: {_count(c.get('teacher_params'))} params, {_count(c.get('teacher_macs'))} MACs per row). "
              f"Each candidate was distilled for {c.get('steps_per_candidate', '?')} steps and scored on the validation split; "
              f"the winner was then trained in full." + (f" Latency: {lat}." if lat else ""), "",
              "| candidate | kind | params | MACs | latency ms | val accuracy % | seconds | note |", "|---|---|---|---|---|---|---|---|"]
@@ -263,7 +251,8 @@ def render_choice(c: dict) -> list[str]:
         if r.get("won"):
             cells = [f"**{x}**" if x else x for x in cells]
         lines.append("| " + " | ".join(str(x).replace("|", "/") for x in cells) + " |")
-    lines += [f"Not tried: {s}." for s in c.get("skipped") or []]
+    if c.get("skipped"):
+        lines += [""] + [f"Not tried: {s}." for s in c["skipped"]]
     return lines
 
 
@@ -309,7 +298,8 @@ def _render_checks(rep: dict) -> list[str]:
     lines = []
     sized = [m for m in rep["models"] if isinstance(m.get("macs"), int) and m["name"] in ("teacher", "student")]
     if sized:
-        lines += ["", "Size per row (multiply-accumulates counted with torch.utils.flop_counter): "
+        lines += ["", "Size per row (multiply-accumulates counted with torch.utils.flop_counter"
+                  + ("; an ONNX teacher's from its graph's shapes" if rep["models"][0].get("format") == "onnx" else "") + "): "
                   + "; ".join(f"{m['name']} {m['params']:,} params, {m['macs']:,} MACs" for m in sized) + "."]
     checks = rep.get("checks", {})
     if "export" in checks:

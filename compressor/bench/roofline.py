@@ -23,6 +23,25 @@ DEFAULT_MEMORY_EFFICIENCY = 0.7  # assumed: a typical sustained fraction of LPDD
 DEFAULT_LAYER_OVERHEAD_US = 5.2  # calibrated on AGX Orin (benchmarks/results/roofline.md): Orin NX predicted within 4%
 
 
+# The profile figures a roofline estimate needs, per precision: the GPU's dense peak (TOPS or TFLOPS) and the bandwidth.
+PEAK_KEYS = {"int8": "gpu_int8_dense_tops", "fp16": "gpu_fp16_dense_tflops", "fp32": "gpu_fp32_tflops"}
+
+
+def _figure(hardware: dict, key: str) -> float | None:
+    """A numeric profile figure, whether written bare or as {value = …, source = …}; None when absent or not published."""
+    v = hardware.get(key)
+    if isinstance(v, dict):
+        v = v.get("value")
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def roofline_figures(profile: dict, precision: str) -> dict | None:
+    """{peak_tops, bandwidth_gbps} of a target profile for estimate() at this precision; None when it lacks either."""
+    hw = profile.get("hardware") or {}
+    peak, bw = _figure(hw, PEAK_KEYS.get(precision, "")), _figure(hw, "memory_bandwidth_gbps")
+    return None if peak is None or bw is None else {"peak_tops": peak, "bandwidth_gbps": bw}
+
+
 @dataclass
 class Layer:
     name: str

@@ -29,6 +29,18 @@ from ..log import say
 AUTO_SPECS = ("auto", "teacher:pruned")
 DEFAULT_BUDGET = ["params=0.1"]
 PRUNE_STEPS = 8  # pruning steps at most; each followed by a short distillation from the unpruned teacher
+# a latency budget is sized to 90% of the limit: measured latencies vary by a few percent between runs, and each
+# candidate is measured again (against the limit itself) before it is scored
+LATENCY_HEADROOM = 0.9
+
+
+def budget_of(dcfg):
+    """The Budget --budget gives, or the default (params=0.1, marked as such in its errors)."""
+    import dataclasses
+
+    from ..models.budget import parse_budget
+
+    return parse_budget(dcfg.budget) if dcfg.budget else dataclasses.replace(parse_budget(DEFAULT_BUDGET), default=True)
 
 
 def wanted(dcfg) -> bool:
@@ -74,9 +86,8 @@ class Meter:
         self.measured = bool(profile.get("is_host")) or (profile["kind"] == "cpu" and not host_mismatches(profile))
         self.latency_kind = "measured (ONNX Runtime FP32, batch 1, 1 thread, this host)" if self.measured else \
             f"estimated (roofline, INT8, {profile['name']})"
-        if "latency_ms" in limits and not self.measured and not (profile.get("hardware") or {}).get("peak_tops"):
-            raise CompressError(f"--budget latency_ms cannot be measured or estimated for target '{profile['name']}': this host is not it "
-                                f"and its profile gives no peak throughput for the roofline", hint="give a params or macs budget instead")
+        if "latency_ms" in limits:
+            check_latency_target(profile)
 
     def counts(self, module) -> tuple[int, int]:
         from ..models.budget import count
@@ -109,9 +120,9 @@ class Meter:
             finally:
                 module.train(was)
             if not self.measured:
-                from ..bench.roofline import estimate
+                from ..bench.roofline import estimate, roofline_figures
 
-                return float(estimate(path, self.target["hardware"], "int8")["latency_ms"])
+                return float(estimate(path, roofline_figures(self.target, "int8"), "int8")["latency_ms"])
             from ..bench.latency import measure
 
             sess = make_session(path, threads=1)
@@ -129,7 +140,7 @@ class Meter:
         lat = None
         if ok and "latency_ms" in self.limits:
             lat = self.latency(module)
-            ok = lat <= self.limits["latency_ms"]
+            ok = lat <= LATENCY_HEADROOM * self.limits["latency_ms"]
         if cand is not None:
             cand.params, cand.macs, cand.latency_ms = params, macs, lat
         return ok
@@ -260,6 +271,18 @@ def _pruned_candidate(run, meter: Meter, source, trainer: Trainer, *, depth: boo
     return cand
 
 
+def _still_fits(meter: Meter, cand: Candidate) -> bool:
+    """Measured latencies vary: a candidate is measured again before it is scored, and dropped when it is over."""
+    if "latency_ms" not in meter.limits:
+        return True
+    lat = meter.latency(cand.module)
+    cand.latency_ms = lat
+    if lat <= meter.limits["latency_ms"]:
+        return True
+    cand.note = f"dropped: measured again at {lat:.3f} ms, over the budget"
+    return False
+
+
 def _preflight(run, cand: Candidate) -> bool:
     """A candidate that cannot export or quantize is dropped (its reason in the table)."""
     if not run.config.preflight:
@@ -283,9 +306,9 @@ def choose(run, dcfg, teacher, ds, num_classes: int, split, pool_logits, full_st
     import numpy as np
 
     from .._io import sha256_json
-    from ..models.budget import parse_budget, teacher_macs
+    from ..models.budget import teacher_macs
 
-    budget = parse_budget(dcfg.budget or DEFAULT_BUDGET)
+    budget = budget_of(dcfg)
     key = sha256_json({"inputs": run.manifest["inputs"], "config": run.manifest["config"], "num_classes": num_classes, "steps": full_steps})
     if resume:
         saved = _saved_choice(run, key)
@@ -295,12 +318,12 @@ def choose(run, dcfg, teacher, ds, num_classes: int, split, pool_logits, full_st
     x = np.ascontiguousarray(ds.x[:2])
     t_params, t_macs = teacher.num_params(), teacher_macs(teacher, x)
     limits = budget.limits(t_params, t_macs)
-    meter = Meter(run.target, x, limits)
+    meter = Meter(run.target, x, _capped(limits, t_params, t_macs))
     trainer = Trainer(run, dcfg, split, pool_logits, auto_steps(dcfg, full_steps))
     say(f"auto: budget {budget.text()} -> {_limits_text(limits)}; teacher {t_params:,} params, "
         f"{'?' if t_macs is None else f'{t_macs:,}'} MACs; each candidate distilled {trainer.steps} steps")
     cands, skipped = _candidates(run, dcfg, teacher, ds, num_classes, ctx, meter, trainer)
-    winner = _score(run, dcfg, cands, trainer, budget)
+    winner = _score(run, dcfg, cands, trainer, meter, budget)
     info = {"budget": budget.to_dict(), "budget_text": budget.text(), "limits": limits, "teacher_params": t_params, "teacher_macs": t_macs,
             "latency": meter.latency_kind if "latency_ms" in limits else None, "steps_per_candidate": trainer.steps,
             "candidates": [dict(c.row(), won=c is winner) for c in cands], "skipped": skipped, "winner": winner.name}
@@ -315,31 +338,47 @@ def _candidates(run, dcfg, teacher, ds, num_classes, ctx, meter, trainer) -> tup
     if dcfg.student == "auto":
         cands.append(_family_candidate(meter, ds, num_classes, ctx, dcfg.seed))
         timm = _timm_candidate(meter, ds, num_classes, dcfg.seed)
-        cands.append(timm) if timm is not None else skipped.append("timm: not installed or not image data")
+        if timm is not None:
+            cands.append(timm)
+        else:
+            skipped.append("timm's models: timm is not installed" if len(ds.input_shape) == 3 else "timm's models: they take images only")
     source, why = eager_teacher_or_why(teacher)
     if source is None:
         if dcfg.student == "teacher:pruned":
-            raise CompressError(why, hint="pass the teacher as a state dict with --teacher-arch file.py:factory (or --trust a pickle), or use --student auto")
+            raise CompressError(why, hint=PRUNE_HINT)
         skipped.append(f"pruning the teacher: {why}")
         return cands, skipped
     from ..models.student import find_block_stack
 
-    cands.append(_pruned_candidate(run, meter, source, trainer, depth=False))
+    alone = dcfg.student == "teacher:pruned"
+    cands.append(_try_pruned(run, meter, source, trainer, depth=False, alone=alone))
     stack = find_block_stack(source)
     if stack is not None and stack[1] >= 4:
-        cands.append(_pruned_candidate(run, meter, source, trainer, depth=True))
+        cands.append(_try_pruned(run, meter, source, trainer, depth=True, alone=alone))
     else:
         skipped.append("dropping blocks: the teacher has no stack of 4 or more repeated blocks")
     return cands, skipped
 
 
-def _score(run, dcfg, cands: list, trainer: Trainer, budget) -> Candidate:
+def _try_pruned(run, meter, source, trainer, *, depth: bool, alone: bool) -> Candidate:
+    """A pruned candidate, or (with other candidates beside it) one dropped with the reason pruning failed."""
+    try:
+        return _pruned_candidate(run, meter, source, trainer, depth=depth)
+    except CompressError as exc:
+        if alone and not depth:
+            raise
+        name = "teacher, every other block, pruned" if depth else "teacher, pruned"
+        say(f"auto: {name}: dropped ({exc.message})")
+        return Candidate(name, "depth+pruned" if depth else "pruned", {}, note=f"dropped: {exc.message}"[:300], fresh=False)
+
+
+def _score(run, dcfg, cands: list, trainer: Trainer, meter: Meter, budget) -> Candidate:
     """Each candidate that exports and quantizes, distilled trainer.steps steps and scored on the validation split; the
     best (ties: fewer MACs)."""
     import torch
 
     for cand in cands:
-        if cand.module is None or not _preflight(run, cand):
+        if cand.module is None or not _preflight(run, cand) or not _still_fits(meter, cand):
             continue
         t0 = time.perf_counter()
         torch.manual_seed(dcfg.seed)
@@ -398,19 +437,49 @@ class _SavedWeights:
         return self._state
 
 
+def check_auto(run) -> None:
+    """What --student auto / teacher:pruned can refuse before the teacher's pass: the budget, a latency budget for a target
+    that can neither be measured nor estimated, and pruning a teacher whose architecture is unknown."""
+    dcfg = run.config.distill
+    budget = budget_of(dcfg)
+    if budget.latency_ms is not None:
+        check_latency_target(run.target)
+    if dcfg.student == "teacher:pruned":
+        source, why = eager_teacher_or_why(run.teacher)
+        if source is None:
+            raise CompressError(why, hint=PRUNE_HINT)
+
+
+PRUNE_HINT = "pass the teacher as a state dict with --teacher-arch file.py:factory (or --trust a pickle), or use --student auto"
+
+
+def check_latency_target(profile: dict) -> None:
+    """A latency budget is measured on this host when it is the target, else estimated with the target's roofline:
+    CompressError for a target that is neither (before any teacher pass)."""
+    from ..bench.roofline import roofline_figures
+    from ..targets import host_mismatches
+
+    if profile.get("is_host") or (profile.get("kind") == "cpu" and not host_mismatches(profile)):
+        return
+    if roofline_figures(profile, "int8") is None:
+        raise CompressError(f"--budget latency_ms cannot be measured or estimated for target '{profile.get('name')}': this host is not it "
+                            f"and its profile gives no INT8 peak and memory bandwidth for the roofline", hint="give a params or macs budget instead")
+
+
 def family_only(dcfg, ds, teacher, target, ctx) -> dict:
     """The record of the data's built-in family member within the budget (a black-box teacher: nothing to prune, and
     no cached outputs to score candidates with)."""
     import numpy as np
 
-    from ..models.budget import parse_budget, teacher_macs
+    from ..models.budget import teacher_macs
 
     if dcfg.student == "teacher:pruned":
         raise CompressError("--student teacher:pruned needs the teacher's architecture, but this teacher is a black box",
                             hint="use --student auto (a built-in family member sized to --budget)")
-    budget = parse_budget(dcfg.budget or DEFAULT_BUDGET)
+    budget = budget_of(dcfg)
     x = np.ascontiguousarray(ds.x[:2])
-    limits = budget.limits(teacher.num_params(), teacher_macs(teacher, x))
+    t_params, t_macs = teacher.num_params(), teacher_macs(teacher, x)
+    limits = _capped(budget.limits(t_params, t_macs), t_params, t_macs)
     if "latency_ms" in limits and target is None:
         raise CompressError("--budget latency_ms needs a target to measure on", hint="give a params or macs budget")
     cand = _family_candidate(Meter(target or {"kind": "none", "name": "none", "runtime": {}}, x, limits), ds, ds.num_classes, ctx, dcfg.seed)
@@ -418,6 +487,17 @@ def family_only(dcfg, ds, teacher, target, ctx) -> dict:
         raise CompressError(f"--student auto: {cand.name}: {cand.note} (--budget {budget.text()})", hint="raise the budget")
     say(f"auto: {cand.name}: {cand.params:,} params, {cand.macs:,} MACs (black-box teacher: the built-in family only)")
     return cand.record
+
+
+def _capped(limits: dict, t_params: int | None, t_macs: int | None) -> dict:
+    """The limits candidates are sized to: the budget's, and never more parameters or MACs than the teacher has (a
+    latency budget alone would otherwise let a family grow past the teacher)."""
+    out = dict(limits)
+    if t_params:
+        out["params"] = min(out.get("params", t_params), t_params)
+    if t_macs:
+        out["macs"] = min(out.get("macs", t_macs), t_macs)
+    return out
 
 
 def _limits_text(limits: dict) -> str:
@@ -429,7 +509,7 @@ def _limits_text(limits: dict) -> str:
 def _make_for(winner: Candidate, teacher):
     from ..models.student import load_student
 
-    state = {k: v.detach().clone() for k, v in winner.module.state_dict().items()}
+    state = None if winner.fresh else {k: v.detach().clone() for k, v in winner.module.state_dict().items()}
 
     def make(num_classes: int, fresh: bool = False):
         if winner.fresh:

@@ -168,9 +168,9 @@ def check_teacher_student(run) -> None:
         raise CompressError(f"--budget sizes --student auto or teacher:pruned, but the student is {spec or 'the default'}",
                             hint="add --student auto, or drop --budget")
     if spec in AUTO_SPECS:
-        from ..models.budget import parse_budget
+        from .auto_student import check_auto
 
-        parse_budget(run.config.distill.budget or ["params=0.1"])
+        check_auto(run)
         return
     if spec and spec.startswith("teacher:"):
         from ..models.student import from_teacher

@@ -32,16 +32,17 @@ class Budget:
     params: tuple | None = None
     macs: tuple | None = None
     latency_ms: float | None = None
+    default: bool = False  # not given on the command line (--student auto's default, params=0.1)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: v for k, v in asdict(self).items() if v is not None and k != "default"}
 
     def text(self) -> str:
         parts = []
         for key in ("params", "macs"):
             v = getattr(self, key)
             if v is not None:
-                parts.append(f"{key}={v[0]:g}" if v[1] else f"{key}={human(v[0])}")
+                parts.append(f"{key}={v[0]:.6g}" if v[1] else f"{key}={human(v[0])}")
         if self.latency_ms is not None:
             parts.append(f"latency_ms={self.latency_ms:g}")
         return ",".join(parts)
@@ -56,9 +57,13 @@ class Budget:
             value, frac = v
             if frac:
                 if not base:
-                    raise CompressError(f"--budget {key}={value:g} is a fraction of the teacher's {key}, which cannot be counted for this teacher",
+                    raise CompressError(f"{'the default budget' if self.default else '--budget'} {key}={value:.6g} is a fraction of the teacher's "
+                                        f"{key}, which cannot be counted for this teacher",
                                         hint=f"give an absolute budget instead, e.g. {key}={'2M' if key == 'params' else '300M'}")
                 value = value * base
+            if value < 1:
+                raise CompressError(f"--budget {key}={v[0]:.6g} of the teacher's {base:,} {key} is less than one",
+                                    hint="give a larger budget")
             out[key] = int(value)
         if self.latency_ms is not None:
             out["latency_ms"] = float(self.latency_ms)
@@ -76,15 +81,17 @@ def parse_budget(values) -> Budget:
                 continue
             m = _TERM.match(term)
             if not m:
-                raise CompressError(f"--budget '{term.strip()[:80]}' is not KEY=VALUE with KEY one of {', '.join(KEYS)}", hint=BUDGET_HELP)
+                raise CompressError(f"--budget '{_shown(term)}' is not KEY=VALUE with KEY one of {', '.join(KEYS)}", hint=BUDGET_HELP)
             key, num, suffix = m.group(1), float(m.group(2)), m.group(3)
             if key in found:
                 raise CompressError(f"--budget gives {key} twice", hint=BUDGET_HELP)
-            if not math.isfinite(num) or num <= 0:
-                raise CompressError(f"--budget {key} must be above 0, got {term.strip()[:80]}", hint=BUDGET_HELP)
+            if not math.isfinite(num * _SUFFIX.get(suffix, 1)) or num > 1e18:
+                raise CompressError(f"--budget {key}: {_shown(term)} is too large", hint=BUDGET_HELP)
+            if num <= 0:
+                raise CompressError(f"--budget {key} must be above 0, got {_shown(term)}", hint=BUDGET_HELP)
             if key == "latency_ms":
                 if suffix:
-                    raise CompressError(f"--budget latency_ms takes milliseconds as a plain number, got {term.strip()[:80]}", hint=BUDGET_HELP)
+                    raise CompressError(f"--budget latency_ms takes milliseconds as a plain number, got {_shown(term)}", hint=BUDGET_HELP)
                 found[key] = num
             elif suffix == "%":
                 if num > 100:
@@ -93,12 +100,17 @@ def parse_budget(values) -> Budget:
             elif suffix or num > 1:
                 found[key] = (num * _SUFFIX[suffix], False)
                 if found[key][0] < 1:
-                    raise CompressError(f"--budget {key}={term.strip()[:80]} is less than one", hint=BUDGET_HELP)
+                    raise CompressError(f"--budget {key}={_shown(term)} is less than one", hint=BUDGET_HELP)
             else:
                 found[key] = (num, True)
     if not found:
         raise CompressError("--student auto needs a --budget", hint=BUDGET_HELP)
     return Budget(**found)
+
+
+def _shown(term: str) -> str:
+    """A budget term as an error line shows it: on one line, at most 80 characters."""
+    return " ".join(term.split())[:80]
 
 
 def human(n: float) -> str:
