@@ -22,7 +22,7 @@ LOG = "compress.log"
 # what a claim leaves before the manifest exists: a folder holding only these is still one of ours
 CLAIM_FILES = frozenset({LOCK, LOG})
 # the sub-folders a run writes into; the stale-temporary sweep looks there and nowhere else
-RUN_SUBDIRS = ("cache", "checkpoints", "search")
+RUN_SUBDIRS = ("cache", "checkpoints", "search", "auto")
 # _io.atomic_path's temporaries: '.NAME.' + mkstemp's random letters + '.tmp'
 _TMP = re.compile(r"\.[^/]+\.[A-Za-z0-9_]{6,}\.tmp")
 # quantize's scratch folders (tempfile.TemporaryDirectory(prefix='.quantize-') in the run folder)
