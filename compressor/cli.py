@@ -7,6 +7,7 @@ when a command runs, so --help is fast."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import shlex
@@ -715,12 +716,26 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         click.echo(f"error: {printable(exc)}", err=True)
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in _BAD_PATH_ERRNOS:
+            return _internal_error(exc, debug)
+        _log_trace("error")  # a path the OS refuses (too long, a loop of links) is bad input, wherever it is first used
+        click.echo(f"error: {printable(exc.strerror)}: {printable(str(exc.filename or '')[:200])} (give a shorter or valid path)", err=True)
+        return 2
     except Exception as exc:  # a bug: keep the trace in the log, show one line unless --debug
-        _log_trace("internal error")
-        if debug:
-            traceback.print_exc()
-        click.echo(f"internal error: {type(exc).__name__}: {printable(exc)} (rerun with --debug for the traceback; please report it)", err=True)
-        return _BUG_EXIT
+        return _internal_error(exc, debug)
+
+
+_BAD_PATH_ERRNOS = {errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def _internal_error(exc: BaseException, debug: bool) -> int:
+    """A bug: the trace kept in the log, one line shown unless --debug."""
+    _log_trace("internal error")
+    if debug:
+        traceback.print_exc()
+    click.echo(f"internal error: {type(exc).__name__}: {printable(exc)} (rerun with --debug for the traceback; please report it)", err=True)
+    return _BUG_EXIT
 
 
 if __name__ == "__main__":  # pragma: no cover

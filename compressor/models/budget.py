@@ -145,8 +145,7 @@ def count(module, example) -> tuple[int, int]:
     if sdpa_cpu is not None:
         custom[sdpa_cpu] = _sdpa_cpu_formula()
     was_training = getattr(module, "training", False)
-    if hasattr(module, "eval"):
-        module.eval()
+    _set_mode(module, False)
     try:
         # with grad on, nn.TransformerEncoderLayer takes its step-by-step path (its fused inference path is not counted)
         with FlopCounterMode(display=False, custom_mapping=custom) as fc, torch.enable_grad():
@@ -155,8 +154,16 @@ def count(module, example) -> tuple[int, int]:
         raise CompressError(f"cannot count the MACs of {type(module).__name__}: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}") from None
     finally:
         if was_training:
-            module.train()
+            _set_mode(module, True)
     return params, int(fc.get_total_flops() // 2)
+
+
+def _set_mode(module, training: bool) -> None:
+    """train()/eval() where the module allows it (a torch.export program's module refuses both)."""
+    try:
+        module.train(training)
+    except (NotImplementedError, AttributeError, TypeError):
+        pass
 
 
 def teacher_macs(teacher, x) -> int | None:
