@@ -65,6 +65,7 @@ class Candidate:
     seconds: float = 0.0
     note: str = ""
     fresh: bool = True  # trained from a fresh initialisation (a family member); pruned ones keep the teacher's weights
+    state: dict | None = None  # a pruned winner's weights read back from the run (--resume), where there is no module
     extra: dict = field(default_factory=dict)
 
     def row(self) -> dict:
@@ -421,20 +422,10 @@ def _saved_choice(run, key: str):
             return None
         cand = Candidate(info["winner"], "saved", record, fresh=fresh)
         if not fresh:
-            cand.module = _SavedWeights(torch.load(run.path("auto/winner.pt"), map_location="cpu", weights_only=True))
+            cand.state = torch.load(run.path("auto/winner.pt"), map_location="cpu", weights_only=True)
         return cand, info
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError):
         return None
-
-
-class _SavedWeights:
-    """A saved winner's state dict where _make_for reads module.state_dict()."""
-
-    def __init__(self, state: dict):
-        self._state = state
-
-    def state_dict(self) -> dict:
-        return self._state
 
 
 def check_auto(run) -> None:
@@ -509,7 +500,8 @@ def _limits_text(limits: dict) -> str:
 def _make_for(winner: Candidate, teacher):
     from ..models.student import load_student
 
-    state = None if winner.fresh else {k: v.detach().clone() for k, v in winner.module.state_dict().items()}
+    state = None if winner.fresh else winner.state if winner.state is not None else \
+        {k: v.detach().clone() for k, v in winner.module.state_dict().items()}
 
     def make(num_classes: int, fresh: bool = False):
         if winner.fresh:
